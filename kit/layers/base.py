@@ -1,0 +1,186 @@
+"""Building blocks shared by every layer family: the module contract, kernel caching, and the
+field-wise pieces of a G-CNN (nonlinearity, batch norm, pooling, invariant head).
+
+Contract (escnn style): an :class:`EquivariantModule` has ``in_type`` and ``out_type``
+(:class:`kit.fields.FieldType`) and checks its input against ``in_type`` on every call, so a
+wrongly shaped tensor fails with a message naming the expected and the actual layout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..fields import FieldType
+from ..groups import Group
+
+__all__ = ["EquivariantModule", "KernelCache", "EquivariantSequential", "FieldReLU", "GroupBatchNorm",
+           "GroupPool", "SpatialPool", "InvariantHead", "steering_matrices"]
+
+
+class EquivariantModule(nn.Module):
+    """Base class: subclasses set ``self.in_type`` / ``self.out_type`` and implement ``_forward``."""
+
+    in_type: FieldType
+    out_type: FieldType
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(self.in_type.check(x, f"{type(self).__name__} input"))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"{self.in_type} -> {self.out_type}"
+
+
+class KernelCache:
+    """Mixin: cache a kernel built from parameters, for evaluation only, and never stale.
+
+    The cache is used only in eval mode when no gradient flows to the parameters; it is keyed on
+    each source tensor's storage and in-place version counter (an optimizer step or
+    ``load_state_dict`` bumps the version) and dropped on ``.train()`` / ``.eval()`` and on
+    ``.to()`` / ``.cuda()`` / ``.half()``.
+    """
+
+    _kernel_cache = None
+
+    def cached_kernel(self, build, *sources: torch.Tensor):
+        if self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            self._kernel_cache = None
+            return build()
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            self._kernel_cache = (key, build())
+        return self._kernel_cache[1]
+
+    def train(self, mode: bool = True):
+        self._kernel_cache = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+def steering_matrices(group: Group, kernel_size: int, *, mode: str = "bilinear") -> torch.Tensor:
+    """``S[g] (k*k, k*k)`` with ``S[g] @ vec(K) = vec(g . K)`` for every element (float64).
+
+    Built by acting with :meth:`Group.act_on_image` on the one-hot basis kernels, so kernels are
+    transformed with exactly the convention images are: permutation matrices for multiples of
+    90 degrees and mirrors, interpolation weights otherwise.
+    """
+    kk = kernel_size * kernel_size
+    basis = torch.eye(kk, dtype=torch.float64).reshape(kk, kernel_size, kernel_size)
+    return torch.stack([group.act_on_image(basis, g, mode=mode).reshape(kk, kk).T
+                        for g in group.elements])                           # (G, kk, kk)
+
+
+class EquivariantSequential(EquivariantModule):
+    """A chain of equivariant modules whose types are checked to connect at construction."""
+
+    def __init__(self, *modules: EquivariantModule):
+        super().__init__()
+        if not modules:
+            raise ValueError("EquivariantSequential needs at least one module")
+        for i, (a, b) in enumerate(zip(modules, modules[1:])):
+            if a.out_type != b.in_type:
+                raise ValueError(f"module {i} ({type(a).__name__}) outputs {a.out_type} but module {i + 1} "
+                                 f"({type(b).__name__}) expects {b.in_type}")
+        self.layers = nn.ModuleList(modules)
+        self.in_type, self.out_type = modules[0].in_type, modules[-1].out_type
+
+    def _forward(self, x):
+        for m in self.layers:
+            x = m(x)
+        return x
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self):
+        return len(self.layers)
+
+
+class FieldReLU(EquivariantModule):
+    """Pointwise ReLU: equivariant for fields whose representation permutes coordinates."""
+
+    def __init__(self, field_type: FieldType, *, inplace: bool = False):
+        super().__init__()
+        if field_type.rep.perm is None:
+            raise ValueError(f"a pointwise nonlinearity is equivariant only for permutation "
+                             f"representations (trivial, regular, quotient); got {field_type.rep!r}")
+        self.in_type = self.out_type = field_type
+        self.inplace = inplace
+
+    def _forward(self, x):
+        return F.relu(x, inplace=self.inplace)
+
+
+class GroupBatchNorm(EquivariantModule):
+    """Batch norm with one mean/variance and one affine pair per *field* (shared over its D axis)."""
+
+    def __init__(self, field_type: FieldType, *, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        if field_type.rep.perm is None:
+            raise ValueError(f"GroupBatchNorm needs a permutation representation, got {field_type.rep!r}")
+        self.in_type = self.out_type = field_type
+        bn = nn.BatchNorm2d if field_type.is_trivial else nn.BatchNorm3d   # (B,C,H,W) / (B,C,D,H,W)
+        self.bn = bn(field_type.n_fields, eps=eps, momentum=momentum)
+
+    def _forward(self, x):
+        return self.bn(x)
+
+
+class GroupPool(EquivariantModule):
+    """Pool over the group axis D (``max`` or ``mean``): regular fields -> invariant scalar fields."""
+
+    def __init__(self, field_type: FieldType, *, mode: str = "max"):
+        super().__init__()
+        if mode not in ("max", "mean"):
+            raise ValueError(f"mode must be 'max' or 'mean', got {mode!r}")
+        if field_type.rep.perm is None:
+            raise ValueError(f"GroupPool needs a permutation representation, got {field_type.rep!r}")
+        self.in_type, self.mode = field_type, mode
+        self.out_type = FieldType(field_type.group, "trivial", field_type.n_fields, spatial=field_type.spatial)
+
+    def _forward(self, x):
+        if self.in_type.is_trivial:
+            return x
+        return x.amax(dim=2) if self.mode == "max" else x.mean(dim=2)    # (B, C, H, W)
+
+
+class SpatialPool(EquivariantModule):
+    """``kernel x kernel`` spatial max / average pooling of every channel (stride = kernel).
+
+    Exactly equivariant under the 90-degree rotations and mirrors when H and W are multiples of
+    ``kernel`` (pooling cells map onto pooling cells).
+    """
+
+    def __init__(self, field_type: FieldType, *, kernel: int = 2, mode: str = "max"):
+        super().__init__()
+        if mode not in ("max", "avg"):
+            raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+        self.in_type = self.out_type = field_type
+        self.kernel, self.mode = kernel, mode
+
+    def _forward(self, x):
+        t = self.in_type
+        pool = F.max_pool2d if self.mode == "max" else F.avg_pool2d
+        return t.unflatten(pool(t.flatten(x), self.kernel))              # (B, C, D, H/k, W/k)
+
+
+class InvariantHead(EquivariantModule):
+    """Invariant classifier: pool over the group axis (max), average over space, then a linear map."""
+
+    def __init__(self, field_type: FieldType, n_classes: int):
+        super().__init__()
+        self.in_type = field_type
+        self.out_type = FieldType(field_type.group, "trivial", n_classes, spatial=False)
+        self.pool = GroupPool(field_type, mode="max") if not field_type.is_trivial else None
+        self.linear = nn.Linear(field_type.n_fields, n_classes)
+
+    def _forward(self, x):
+        if self.pool is not None:
+            x = self.pool(x)                                               # (B, C, H, W)
+        return self.linear(x.mean(dim=(-2, -1)))                           # (B, n_classes)

@@ -1,0 +1,122 @@
+"""Regular group convolutions (Cohen & Welling, ICML 2016): lifting Z2 -> G and group G -> G.
+
+One learnable kernel per (output field, input field) is steered to every group element ``g``:
+``K_g(h, u) = rho_in(g) K(g^-1 u)`` on the input field axis ``h`` and the kernel offsets ``u``,
+and the |G| steered copies are stacked as the output's regular field axis. A single ``conv2d``
+then computes all of them: ``out[b, o, g] = corr(x, K_g)``.
+
+* C4, D4 (and every element that is a multiple of 90 degrees or a mirror): kernels transformed by
+  an exact permutation of pixels -> exactly equivariant (float noise).
+* general C_n / D_n: kernels rotated by bilinear interpolation -> *approximately* equivariant;
+  the elements of the C4 / D4 subgroup stay exact.
+
+Shapes: lifting ``(B, C_in, H, W) -> (B, C_out, |G|, H', W')``; group conv
+``(B, C_in, |G|, H, W) -> (B, C_out, |G|, H', W')``. The steered filter bank is cached in eval
+mode (see :class:`kit.layers.base.KernelCache`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..fields import FieldType
+from ..groups import Group
+from .base import EquivariantModule, KernelCache, steering_matrices
+
+__all__ = ["LiftingConv", "GroupConv", "steer_kernel"]
+
+
+def steer_kernel(weight: torch.Tensor, S: torch.Tensor, rep_in: torch.Tensor | None,
+                 perm_in: torch.Tensor | None) -> torch.Tensor:
+    """Steer ``weight (O, C, D_in, k, k)`` to all |G| elements -> ``(O*|G|, C*D_in, k, k)``.
+
+    ``S (G, k*k, k*k)`` are the spatial steering matrices; the input field axis is acted on by the
+    gather indices ``perm_in (G, D_in)`` when the representation is a permutation, else by the
+    matrices ``rep_in (G, D_in, D_in)``.
+    """
+    O, C, D, k, _ = weight.shape
+    G = S.shape[0]
+    w = weight.reshape(O, C, D, k * k)                                      # (O, C, D, kk)
+    if perm_in is not None:
+        w = w[:, :, perm_in]                                                # (O, C, G, D, kk)
+    else:
+        w = torch.einsum("gde,ocep->ocgdp", rep_in, w)                      # (O, C, G, D, kk)
+    w = torch.einsum("gpq,ocgdq->ogcdp", S, w)                              # (O, G, C, D, kk)
+    return w.reshape(O * G, C * D, k, k)
+
+
+class _RegularOutConv(KernelCache, EquivariantModule):
+    """Shared machinery: any input type -> regular output fields."""
+
+    def __init__(self, in_type: FieldType, out_fields: int, kernel_size: int, padding: int | None,
+                 stride: int, bias: bool, interpolation: str):
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int (a centred kernel), got {kernel_size}")
+        if isinstance(out_fields, bool) or not isinstance(out_fields, int) or out_fields < 1:
+            raise ValueError(f"out_fields must be an int >= 1, got {out_fields!r}")
+        G = in_type.group
+        self.in_type = in_type
+        self.out_type = FieldType(G, "regular", out_fields)
+        self.kernel_size, self.stride = kernel_size, stride
+        self.padding = kernel_size // 2 if padding is None else padding
+        self.exact = all(G.is_exact_on_grid(g) for g in G.elements)
+        S = steering_matrices(G, kernel_size, mode=interpolation)
+        rep = in_type.rep
+        self.register_buffer("S", S.float(), persistent=False)
+        self.register_buffer("rep_in", rep.matrices.float(), persistent=False)
+        self.register_buffer("perm_in", rep.perm.clone() if rep.perm is not None else None, persistent=False)
+        D = in_type.dim
+        self.weight = nn.Parameter(torch.empty(out_fields, in_type.n_fields, D, kernel_size, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(out_fields)) if bias else None
+        nn.init.normal_(self.weight, std=math.sqrt(2.0 / (in_type.channels * kernel_size ** 2)))
+
+    def filter(self) -> torch.Tensor:
+        """The steered filter bank ``(C_out*|G|, C_in*D_in, k, k)`` (cached in eval mode)."""
+        return self.cached_kernel(lambda: steer_kernel(self.weight, self.S.to(self.weight.dtype),
+                                                       self.rep_in.to(self.weight.dtype), self.perm_in),
+                                  self.weight)
+
+    def _forward(self, x):
+        G = self.out_type.group.order
+        b = self.bias.repeat_interleave(G) if self.bias is not None else None   # one bias per field
+        y = F.conv2d(self.in_type.flatten(x), self.filter(), b, stride=self.stride, padding=self.padding)
+        return self.out_type.unflatten(y)                                   # (B, C_out, |G|, H', W')
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_type} -> {self.out_type}, kernel_size={self.kernel_size}, "
+                f"{'exact' if self.exact else 'interpolated kernels (approximately equivariant)'}")
+
+
+class LiftingConv(_RegularOutConv):
+    """Lifting convolution: ``in_channels`` images / scalar fields -> ``out_fields`` regular fields.
+
+    Args:
+        group: ``kit.groups.cyclic(n)`` or ``dihedral(n)``.
+        in_channels: number of input channels (trivial fields).
+        out_fields: number of regular output fields (the layer outputs ``out_fields * |G|`` channels).
+        kernel_size: odd kernel size. padding: default ``kernel_size // 2`` ("same").
+        interpolation: how kernels are rotated for angles that are not multiples of 90 degrees.
+    """
+
+    def __init__(self, *, group: Group, in_channels: int, out_fields: int, kernel_size: int = 3,
+                 padding: int | None = None, stride: int = 1, bias: bool = True,
+                 interpolation: str = "bilinear"):
+        super().__init__(FieldType(group, "trivial", in_channels), out_fields, kernel_size, padding,
+                         stride, bias, interpolation)
+
+
+class GroupConv(_RegularOutConv):
+    """Group convolution: ``in_fields`` regular fields -> ``out_fields`` regular fields (same group).
+
+    Args as :class:`LiftingConv`, with ``in_fields`` regular input fields.
+    """
+
+    def __init__(self, *, group: Group, in_fields: int, out_fields: int, kernel_size: int = 3,
+                 padding: int | None = None, stride: int = 1, bias: bool = True,
+                 interpolation: str = "bilinear"):
+        super().__init__(FieldType(group, "regular", in_fields), out_fields, kernel_size, padding,
+                         stride, bias, interpolation)

@@ -1,0 +1,70 @@
+"""The model registry: every model builds, runs forward/backward and honours its declared types;
+the G-CNNs are invariant to float precision and the CNN baseline is shown not to be."""
+import pytest
+import torch
+
+from kit import models
+from kit.equivariance import check, max_error
+
+ALL = models.list_models()
+MNIST_BASELINES = ["cnn-mnist", "p4-mnist", "p4m-mnist"]
+
+
+def test_registry_lists_the_foundation_models():
+    assert set(MNIST_BASELINES) <= set(ALL)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_forward_backward(name):
+    card = models.model_card(name)
+    m = models.create(name)
+    x = torch.rand(2, *card.input_shape)
+    y = m(x)
+    assert y.shape == (2, card.num_classes) and torch.isfinite(y).all()
+    y.square().sum().backward()
+    missing = [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    assert m.in_type.spatial and not m.out_type.spatial
+
+
+@pytest.mark.parametrize("name", ["p4-mnist", "p4m-mnist"])
+def test_gcnn_logits_invariant_at_every_element(name, digits):
+    m = models.calibrate_batchnorm(models.create(name), digits[:128])
+    recs = check(m, x=digits[128:132])
+    assert len(recs) == m.in_type.group.order
+    assert max_error(recs) <= 1e-5, recs
+
+
+def test_instrument_can_fail_cnn_not_invariant(digits):
+    m = models.calibrate_batchnorm(models.create("cnn-mnist"), digits[:128])
+    err = {r.angle: r.error for r in check(m, x=digits[128:132])}
+    assert err[90.0] >= 0.1, err
+    assert err[0.0] == 0.0
+
+
+def test_parameter_budgets_are_similar():
+    counts = {n: models.count_parameters(models.create(n)) for n in MNIST_BASELINES}
+    lo, hi = min(counts.values()), max(counts.values())
+    assert hi / lo < 1.05, counts
+    assert 65_000 < lo and hi < 80_000, counts       # the budget stated in the README (~72k)
+
+
+def test_unknown_name_and_parameter_list_valid_ones():
+    with pytest.raises(ValueError, match="unknown model 'p5-mnist'; valid names: .*p4-mnist"):
+        models.create("p5-mnist")
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['width'\] .* valid parameters: widths="):
+        models.create("p4-mnist", width=3)
+
+
+def test_model_rejects_bad_input():
+    m = models.create("p4-mnist")
+    with pytest.raises(ValueError, match=r"expected C=1 fields .* got 3"):
+        m(torch.rand(2, 3, 28, 28))
+    with pytest.raises(ValueError, match=r"expected a 4-D tensor .* got 3-D"):
+        m(torch.rand(2, 28, 28))
+
+
+def test_cards_carry_provenance():
+    for n in ALL:
+        card = models.model_card(n)
+        assert card.paper and card.description
