@@ -20,7 +20,7 @@ def test_error_vs_angle_p4_at_45_separates_layer_and_floor(digits):
     assert r[90].element is not None and r[90].error <= 1e-5 and r[90].floor == 0
     assert r[45].element is None
     assert 1e-4 < r[45].error < 1 and 1e-4 < r[45].floor < 1       # both measured, separately
-    assert r[45].error != r[45].floor
+    assert r[45].floor < r[45].error          # p4 is not built for 45 degrees: above its floor
     assert "floor" in records_table(recs)
 
 

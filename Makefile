@@ -1,0 +1,43 @@
+# eqkit — run `make` (or `make help`) for the list of targets.
+
+PYTHON ?= python3
+VENV = .venv
+PY = $(VENV)/bin/python
+PYTEST_ARGS ?= -q
+STAMP = $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install test reproduce lab clean distclean
+
+help:
+	@echo "eqkit targets:"
+	@echo "  make reproduce   install (if needed), execute every notebook into runs/ and write figures/"
+	@echo "  make test        install (if needed), run the test suite (PYTEST_ARGS='$(PYTEST_ARGS)')"
+	@echo "  make install     create $(VENV) and install eqkit (editable) with test extras"
+	@echo "  make lab         install (if needed), start JupyterLab on notebooks/"
+	@echo "  make clean       remove runs/ and caches (keeps $(VENV))"
+	@echo "  make distclean   clean, and also remove $(VENV)"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo ">>> installing eqkit and its dependencies into $(VENV) (first time: a few minutes)"
+	$(PY) -m pip install -e ".[test]"
+	@touch $@
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+reproduce: install
+	$(PY) -m kit reproduce
+
+lab: install
+	$(PY) -m jupyter lab notebooks/
+
+clean:
+	rm -rf runs/ .pytest_cache/ .kit_cache/ build/ dist/ *.egg-info
+	find . -path ./$(VENV) -prune -o -type d \( -name __pycache__ -o -name .ipynb_checkpoints \) -print -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)

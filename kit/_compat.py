@@ -1,0 +1,45 @@
+"""Platform shims, kept in one place.
+
+torchvision 0.28.0 on PyPI is built against the CUDA build of torch 2.13.0. With the CPU build its
+compiled extension cannot load, and ``import torchvision`` then fails while registering fake
+kernels for two operators that were never defined (``torchvision::nms``, ``torchvision::qnms``).
+eqkit uses only torchvision's datasets and transforms, which need no compiled ops: defining the
+two operator *schemas* (no kernels) lets the pure-Python parts import. Calling the detection ops
+still raises torchvision's own "operator not available" error.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+__all__ = ["import_torchvision"]
+
+_SCHEMAS = {"nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+            "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"}
+_lib = None
+
+
+def import_torchvision():
+    """``import torchvision`` that also works when its compiled ops cannot be loaded."""
+    global _lib
+    try:
+        import torchvision
+        return torchvision
+    except RuntimeError as e:
+        if "torchvision::nms" not in str(e):
+            raise
+    import sys
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[name]                                 # drop the half-imported package
+    if _lib is None:
+        _lib = torch.library.Library("torchvision", "FRAGMENT")
+        for op, schema in _SCHEMAS.items():
+            try:
+                torch._C._dispatch_find_schema_or_throw(f"torchvision::{op}", "")
+            except RuntimeError:                              # not defined yet: define the schema
+                _lib.define(schema)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)          # "Failed to load image Python extension"
+        import torchvision
+    return torchvision
