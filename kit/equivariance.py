@@ -111,7 +111,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor, spatial: bool) -> float:
 
 def _input(module, x):
     in_type, _ = _types(module)
-    x = default_input(in_type) if x is None else x
+    if x is None:                      # registry models know their input size (e.g. 32 for CIFAR)
+        card = getattr(module, "card", None)
+        x = default_input(in_type, size=card.input_shape[-1] if card is not None else 28)
     in_type.check(x, "x")
     p = next(module.parameters(), None)
     return x.to(device=p.device, dtype=p.dtype) if p is not None and p.is_floating_point() else x

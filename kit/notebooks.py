@@ -24,17 +24,24 @@ def notebook_paths(folder: str | Path | None = None, pattern: str = "*.ipynb") -
 
 
 def execute(path: str | Path, out_dir: str | Path, *, figures_dir: str | Path | None = None,
-            parameters: dict | None = None, kernel_name: str = "python3", timeout: int = 1800) -> Path:
+            parameters: dict | None = None, kernel_name: str = "python3", timeout: int = 900) -> Path:
     """Run one notebook with papermill; return the executed copy's path.
 
     ``FIGURES_DIR`` is injected as an absolute path (default: the repository's ``figures/``) so that
-    the notebook writes its figures there whatever the working directory.
+    the notebook writes its figures there whatever the working directory. Batch runs are not
+    interactive: where the notebook declares an ``INTERACTIVE`` parameter it is set to ``False``
+    (building ipywidgets under nbclient can block a cell forever: jupyter/nbclient#312,
+    nteract/papermill#723; the widgets are tested headless in ``tests/test_widgets.py`` and in a
+    real browser instead). ``timeout`` is per cell, in seconds.
     """
     import papermill as pm
 
     path, out_dir = Path(path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    declared = pm.inspect_notebook(str(path))
     params = {"FIGURES_DIR": str(Path(figures_dir or REPO / "figures").resolve())}
+    if "INTERACTIVE" in declared:
+        params["INTERACTIVE"] = False
     params.update(parameters or {})
     out = out_dir / path.name
     t = time.time()

@@ -39,9 +39,9 @@ def save(fig, path: str | Path, *, dpi: int = 120) -> Path:
 
 
 def _img(ax, a, title=None, cmap="magma", sym=False):
-    a = a.detach().float().cpu()
+    a = a.detach().float().cpu().numpy()
     if sym:
-        v = float(a.abs().max()) or 1.0
+        v = float(abs(a).max()) or 1.0
         ax.imshow(a, cmap="RdBu_r", vmin=-v, vmax=v)
     else:
         ax.imshow(a, cmap=cmap)

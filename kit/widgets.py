@@ -1,7 +1,8 @@
 """ipywidgets explorers: thin wrappers that redraw a :mod:`kit.viz` figure when a control moves.
 
-Each explorer returns an ``ipywidgets`` container; the figure is re-rendered into an ``Output``
-(``clear_output(wait=True)``: no flicker). Sliders use ``continuous_update=False`` because every
+Each explorer returns an ``ipywidgets`` container whose ``state`` dict holds the figure shown now
+and a draw counter; the figure is re-rendered into an ``Output`` (``clear_output(wait=True)``: no
+flicker). Sliders use ``continuous_update=False`` because every
 redraw runs the networks.
 """
 from __future__ import annotations
@@ -23,15 +24,18 @@ def rotation_explorer(cnn, gcnn, x, *, angle: float = 45.0, step: float = 5.0):
     channel = W.IntSlider(value=0, min=0, max=min(8, gcnn.layers[0].out_type.n_fields) - 1,
                           description="field", continuous_update=False)
     out = W.Output()
+    box = W.VBox([W.HBox([slider, channel]), out])
+    box.state = {"draws": 0, "figure": None, "args": None}   # what is shown now (read by tests)
 
     def draw(*_):
+        fig = viz.feature_maps_figure(cnn, gcnn, x, slider.value, channel=channel.value)
+        box.state.update(draws=box.state["draws"] + 1, figure=fig, args=(slider.value, channel.value))
         with out:
             out.clear_output(wait=True)
-            fig = viz.feature_maps_figure(cnn, gcnn, x, slider.value, channel=channel.value)
             display(fig)
-            plt.close(fig)
+        plt.close(fig)
 
     slider.observe(draw, names="value")
     channel.observe(draw, names="value")
     draw()
-    return W.VBox([W.HBox([slider, channel]), out])
+    return box

@@ -1,0 +1,324 @@
+"""E4: the efficient equivariant layer of He, Chen, Shen, Dong, Wang & Lin, "Efficient Equivariant
+Network", NeurIPS 2021 (E4-Net).
+
+A regular G-conv couples space and the group axis in one weight-tied KxK kernel. E4 decouples them:
+
+* **kernel generator** (pointwise in space, equivariant): group 1x1 conv ``in -> in/r`` fields,
+  :class:`FieldGroupNorm`, ReLU, then one linear map (with bias) shared by every orientation that turns
+  each orientation's hidden vector into ``S`` raw KxK kernels (``S = out / channels_per_slice``);
+* **steering**: the raw kernel generated at orientation ``g`` is expressed in the frame of ``g``, i.e.
+  it is acted on by ``g`` (kit convention: :meth:`kit.groups.Group.act_on_image`, counter-clockwise,
+  mirror ``x -> -x`` first);
+* **encoder** (the only map that mixes the group axis): group 1x1 conv ``in -> out`` fields;
+* **dynamic depthwise aggregation** (involution-like): at every pixel and orientation, each of the
+  ``channels_per_slice`` channels of slice ``s`` is filtered with that slice's steered KxK kernel;
+  orientations are not mixed.
+
+Why it is equivariant (kit conventions, ``(u.f)(x, h) = f(u^-1 x, u^-1 h)``): the generator and the
+encoder are equivariant pointwise maps, so the raw kernels obey ``k'(x, h) = k(u^-1 x, u^-1 h)``.
+Steering sets ``K(x, h) = h.k(x, h)``, hence ``K'(x, h) = u.K(u^-1 x, u^-1 h)``, and the output
+``y(x, h) = sum_t K(x, h)[t] v(x + t, h)`` picks up ``t -> u^-1 t`` on both factors:
+``y'(x, h) = y(u^-1 x, u^-1 h)``. On the pixel grid this is exact for every element of C4 / D4
+(rot90 and mirrors permute the KxK taps).
+
+Implementation notes
+
+* The steering is a permutation of the K*K taps per orientation and the generator's last map is
+  linear, so the layer steers the *generator's weights* (tiny, ``(S, |G|, K*K, C_hidden)``) instead
+  of the generated kernels (``B x S x |G| x K*K x H x W``); the result is identical. The permutation
+  comes from :func:`kit.layers.base.steering_matrices`, i.e. from the kit's one rotation convention.
+* GroupNorm: one group per regular field, normalised over (|G|, H, W) of each sample. Its affine is
+  **per field** by default (exactly equivariant whatever the values); ``affine="per_channel"``
+  reproduces the official code (one affine pair per field *and* orientation: equivariant only while
+  the pairs are equal across orientations, i.e. at initialisation, not after training).
+* Only stride 1 and "same" zero padding (``K // 2``), as in the paper.
+* Parameters: ``|G| in out`` (encoder) + ``|G| in in/r`` (generator 1x1) + ``2 in/r`` (GroupNorm, per
+  field; ``2 |G| in/r`` per channel) + ``(in/r + 1) S K^2`` (generator linear + bias).
+* Memory: the aggregation is a loop over the ``K^2`` taps that multiplies each shifted view of the
+  zero-padded encoder output by that tap's kernel plane and accumulates in place
+  (:func:`dynamic_aggregate`, with its own backward). The official code unfolds the encoder output
+  instead (``K^2`` times its size) and multiplies the unfolding by the broadcast kernels (another
+  ``K^2`` copies), and autograd keeps the unfolding for the backward. The tap loop materialises
+  nothing larger than the padded encoder output and the kernels (which every formulation needs)
+  and saves only those two for the backward; it computes the same sums in the same order per tap
+  (equal to float rounding). :func:`dynamic_aggregate_unfold` keeps the unfold formulation as a
+  reference (tests, before/after measurements in :mod:`kit.complexity`).
+* Cost of the dynamic aggregation: ``out |G| K^2 H W`` MACs per image (:meth:`E4Conv.aggregation_macs`),
+  which standard conv FLOP counters do not see.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..fields import FieldType
+from ..groups import Group
+from .base import EquivariantModule, KernelCache, steering_matrices
+from .gconv import GroupConv
+
+__all__ = ["E4Conv", "FieldGroupNorm", "AFFINE_MODES", "dynamic_aggregate", "dynamic_aggregate_unfold"]
+
+AFFINE_MODES = ("per_field", "per_channel", None)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class FieldGroupNorm(EquivariantModule):
+    """GroupNorm with one group per regular field: statistics over (|G|, H, W) of each sample.
+
+    Args:
+        field_type: regular (or any permutation-representation) spatial fields ``(B, C, D, H, W)``.
+        affine: ``"per_field"`` (default; one (gamma, beta) per field, shared over the field axis:
+            exactly equivariant for any values), ``"per_channel"`` (one pair per field and
+            orientation, as in the official E4 code: *not* equivariant once the pairs differ across
+            orientations), or ``None`` (no affine).
+        eps: added to the variance.
+    """
+
+    def __init__(self, field_type: FieldType, *, affine: str | None = "per_field", eps: float = 1e-5):
+        super().__init__()
+        if not isinstance(field_type, FieldType) or field_type.rep.perm is None or not field_type.spatial \
+                or field_type.is_trivial:
+            raise ValueError(f"FieldGroupNorm needs spatial fields of a permutation representation of "
+                             f"dimension > 1 (e.g. regular), got {field_type!r}")
+        if affine not in AFFINE_MODES:
+            raise ValueError(f"affine must be one of {AFFINE_MODES}, got {affine!r}")
+        self.in_type = self.out_type = field_type
+        self.affine, self.eps = affine, eps
+        C, D = field_type.n_fields, field_type.dim
+        shape = {"per_field": (C,), "per_channel": (C, D)}.get(affine)
+        if shape is None:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        else:
+            self.weight = nn.Parameter(torch.ones(shape))
+            self.bias = nn.Parameter(torch.zeros(shape))
+
+    def _forward(self, x):                                                  # (B, C, D, H, W)
+        C = self.in_type.n_fields
+        if self.affine == "per_channel":                                    # (C*D,) affine on (B, C*D, H, W)
+            y = F.group_norm(x.flatten(1, 2), C, self.weight.flatten(), self.bias.flatten(), self.eps)
+            return y.unflatten(1, (C, self.in_type.dim))                    # (B, C, D, H, W)
+        # (N, C, *) with C groups: each group is one field over (D, H, W); weight/bias (C,) per field
+        return F.group_norm(x, C, self.weight, self.bias, self.eps)         # (B, C, D, H, W)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_type}, affine={self.affine!r}, eps={self.eps}"
+
+
+class E4Conv(KernelCache, EquivariantModule):
+    """The E4 layer: regular fields in, regular fields out, for C4 / D4 (and their subgroups).
+
+    Args (keyword-only):
+        group: ``kit.groups.cyclic(4)`` (p4) or ``dihedral(4)`` (p4m); any group whose elements all
+            map the pixel grid onto itself (C1, C2, C4, D1, D2, D4) is accepted.
+        in_fields, out_fields: numbers of regular input / output fields.
+        kernel_size: odd size K of the generated kernels (3 on CIFAR, 5 on MNIST-rot in the paper).
+        reduction: ``r``; the generator's hidden width is ``in_fields / r`` fields.
+        channels_per_slice: fields that share one generated kernel (the official ``groups``); the
+            number of slices is ``S = out_fields / channels_per_slice``.
+        affine: GroupNorm affine, ``"per_field"`` (default, exact) / ``"per_channel"`` (official) /
+            ``None``; see :class:`FieldGroupNorm`.
+        eps: GroupNorm epsilon.
+
+    Shapes: ``(B, in_fields, |G|, H, W) -> (B, out_fields, |G|, H, W)``.
+    """
+
+    def __init__(self, *, group: Group, in_fields: int, out_fields: int, kernel_size: int = 3,
+                 reduction: int = 2, channels_per_slice: int = 2, affine: str | None = "per_field",
+                 eps: float = 1e-5):
+        super().__init__()
+        if not isinstance(group, Group):
+            raise ValueError(f"group must be a kit.groups.Group (cyclic(4) or dihedral(4)), got {group!r}")
+        if not all(group.is_exact_on_grid(g) for g in group.elements):
+            raise ValueError(f"E4Conv steers kernels by exact pixel permutations; it needs a group whose "
+                             f"elements all map the pixel grid onto itself (C1, C2, C4, D1, D2, D4), "
+                             f"got {group.name}")
+        for name, v in (("in_fields", in_fields), ("out_fields", out_fields), ("reduction", reduction),
+                        ("channels_per_slice", channels_per_slice)):
+            _positive_int(name, v)
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 \
+                or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be a positive odd int (a centred kernel), got {kernel_size!r}")
+        if in_fields % reduction:
+            raise ValueError(f"reduction must divide in_fields (hidden width in_fields / reduction), "
+                             f"got in_fields={in_fields}, reduction={reduction}")
+        if out_fields % channels_per_slice:
+            raise ValueError(f"channels_per_slice must divide out_fields (slices = out_fields / "
+                             f"channels_per_slice), got out_fields={out_fields}, "
+                             f"channels_per_slice={channels_per_slice}")
+        self.in_type = FieldType(group, "regular", in_fields)
+        self.out_type = FieldType(group, "regular", out_fields)
+        self.kernel_size, self.reduction, self.channels_per_slice = kernel_size, reduction, channels_per_slice
+        self.hidden = in_fields // reduction
+        self.slices = out_fields // channels_per_slice
+        KK = kernel_size * kernel_size
+
+        # kernel generator, stage 1: equivariant 1x1 -> GroupNorm (one group per field) -> ReLU
+        self.reduce = GroupConv(group=group, in_fields=in_fields, out_fields=self.hidden, kernel_size=1,
+                                bias=False)
+        self.norm = FieldGroupNorm(self.reduce.out_type, affine=affine, eps=eps)
+        # kernel generator, stage 2: one linear map hidden -> S*K*K shared by all orientations (+ bias)
+        self.gen_weight = nn.Parameter(torch.empty(self.slices, KK, self.hidden))
+        self.gen_bias = nn.Parameter(torch.empty(self.slices, KK))
+        bound = 1.0 / math.sqrt(self.hidden)                 # PyTorch's default for a 1x1 conv
+        nn.init.uniform_(self.gen_weight, -bound, bound)
+        nn.init.uniform_(self.gen_bias, -bound, bound)
+        # encoder ("value"): equivariant 1x1, the only map that mixes the group axis
+        self.encoder = GroupConv(group=group, in_fields=in_fields, out_fields=out_fields, kernel_size=1,
+                                 bias=False)
+
+        # steering: tap permutation of every element, from the kit's steering matrices
+        # (S[g] @ vec(k) = vec(g.k)); exact on the grid, so each S[g] is a permutation matrix.
+        S = steering_matrices(group, kernel_size)                                   # (G, KK, KK)
+        if not bool(((S == 0) | (S == 1)).all() and (S.sum(-1) == 1).all()):      # pragma: no cover
+            raise RuntimeError("steering matrices of an on-grid group must be permutations")
+        # tap_perm (G, KK): vec(g.k)[p] = vec(k)[tap_perm[g, p]]
+        self.register_buffer("tap_perm", S.argmax(-1), persistent=False)
+
+    # ------------------------------------------------------------------------- kernels
+    def steered_generator(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generator weights steered to every orientation: ``(S, |G|, K*K, hidden)`` and ``(S, |G|, K*K)``.
+
+        Row ``[s, g, p]`` produces tap ``p`` of the kernel ``g.k_s`` (cached in eval mode)."""
+        def build():
+            return self.gen_weight[:, self.tap_perm], self.gen_bias[:, self.tap_perm]
+        return self.cached_kernel(build, self.gen_weight, self.gen_bias)
+
+    def generate_kernels(self, x: torch.Tensor) -> torch.Tensor:
+        """The steered dynamic kernels ``(B, S, |G|, K*K, H, W)`` for input fields ``x``.
+
+        Returned as a view of a ``(|G|, K*K, S, B, H, W)`` buffer (one batched matmul per group
+        element, bias fused): every tap is then a block of whole ``H x W`` planes, the layout the
+        tap-loop aggregation reads fastest (an einsum would return pixels-outermost, taps-innermost).
+        """
+        self.in_type.check(x, f"{type(self).__name__}.generate_kernels input")
+        h = F.relu(self.norm(self.reduce(x)))                                      # (B, hidden, G, H, W)
+        B, C, G, H, W = h.shape
+        w, b = self.steered_generator()                                            # (S, G, KK, hidden), (S, G, KK)
+        S, _, KK, _ = w.shape
+        w = w.permute(1, 2, 0, 3).reshape(G, KK * S, C)                            # (G, KK*S, hidden)
+        b = b.permute(1, 2, 0).reshape(G, KK * S, 1)                               # (G, KK*S, 1)
+        h = h.permute(2, 1, 0, 3, 4).reshape(G, C, B * H * W)                      # (G, hidden, B*H*W)
+        k = torch.baddbmm(b, w, h)                                                 # (G, KK*S, B*H*W)
+        return k.view(G, KK, S, B, H, W).permute(3, 2, 0, 1, 4, 5)                 # (B, S, G, KK, H, W)
+
+    def _forward(self, x):                                                         # (B, C_in, G, H, W)
+        kern = self.generate_kernels(x)                                            # (B, S, G, KK, H, W)
+        v = self.encoder(x)                                                        # (B, C_out, G, H, W)
+        return dynamic_aggregate(v, kern)                                          # (B, C_out, G, H, W)
+
+    def aggregate(self, v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
+        """The dynamic aggregation step alone (``v`` encoder output, ``kern`` from :meth:`generate_kernels`)."""
+        return dynamic_aggregate(v, kern)
+
+    # ------------------------------------------------------------------------- describe
+    def aggregation_macs(self, H: int, W: int) -> int:
+        """MACs of the dynamic aggregation for one ``H x W`` image (not seen by conv FLOP counters)."""
+        return self.out_type.channels * self.kernel_size ** 2 * H * W
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_type} -> {self.out_type}, kernel_size={self.kernel_size}, reduction={self.reduction}, "
+                f"channels_per_slice={self.channels_per_slice} (slices={self.slices}, hidden={self.hidden}), "
+                f"affine={self.norm.affine!r}")
+
+
+# ------------------------------------------------------------------------------ aggregation
+def _shapes(v: torch.Tensor, kern: torch.Tensor):
+    B, C, G, H, W = v.shape
+    S, KK = kern.shape[1], kern.shape[3]
+    K = math.isqrt(KK)
+    if kern.dim() != 6 or K * K != KK or K % 2 == 0 or kern.shape[0] != B or kern.shape[2] != G \
+            or tuple(kern.shape[-2:]) != (H, W) or C % S:
+        raise ValueError(f"dynamic aggregation needs v (B, C, G, H, W) and kernels (B, S, G, K*K, H, W) with "
+                         f"odd K and S dividing C; got {tuple(v.shape)} and {tuple(kern.shape)}")
+    return B, C, G, H, W, S, C // S, K
+
+
+def _tap(t: int, K: int, H: int, W: int):
+    """Tap ``t`` (row-major in the KxK window) as a slice of the padded map: rows, columns."""
+    i, j = divmod(t, K)
+    return slice(i, i + H), slice(j, j + W)
+
+
+class _DynamicAggregation(torch.autograd.Function):
+    """``y[b, s, c, g, x] = sum_t kern[b, s, g, t, x] * v[b, s, c, g, x + t]`` by a loop over taps.
+
+    Fastest when every tap of ``kern`` is made of whole contiguous ``H x W`` planes (the layout
+    :meth:`E4Conv.generate_kernels` returns); any layout is correct. The kernel gradient is written
+    in the kernels' own layout.
+    """
+
+    @staticmethod
+    def forward(ctx, v, kern):
+        B, C, G, H, W, S, cps, K = _shapes(v, kern)
+        p = K // 2
+        vp = F.pad(v, (p, p, p, p)).view(B, S, cps, G, H + 2 * p, W + 2 * p)       # zero "same" padding
+        kt = kern.permute(3, 0, 1, 2, 4, 5)                                        # (KK, B, S, G, H, W) view
+        y = torch.empty(B, S, cps, G, H, W, dtype=v.dtype, device=v.device)
+        r, c = _tap(0, K, H, W)
+        torch.mul(kt[0].unsqueeze(2), vp[..., r, c], out=y)
+        for t in range(1, K * K):
+            r, c = _tap(t, K, H, W)
+            y.addcmul_(kt[t].unsqueeze(2), vp[..., r, c])                          # (B, S, cps, G, H, W)
+        ctx.save_for_backward(vp, kern)
+        return y.view(B, C, G, H, W)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        vp, kern = ctx.saved_tensors
+        kt = kern.permute(3, 0, 1, 2, 4, 5)                                        # (KK, B, S, G, H, W) view
+        B, S, cps, G, Hp, Wp = vp.shape
+        K = math.isqrt(kt.shape[0])
+        p = K // 2
+        H, W = Hp - 2 * p, Wp - 2 * p
+        gy = gy.reshape(B, S, cps, G, H, W)
+        gv = gk = None
+        if ctx.needs_input_grad[0]:                        # scatter every tap back: grad_v(x + t) += k_t(x) gy(x)
+            gvp = torch.zeros_like(vp)
+            for t in range(K * K):
+                r, c = _tap(t, K, H, W)
+                gvp[..., r, c].addcmul_(gy, kt[t].unsqueeze(2))
+            gv = gvp[..., p:p + H, p:p + W].reshape(B, S * cps, G, H, W)
+        if ctx.needs_input_grad[1]:                        # grad_k_t(x) = sum over the slice's channels
+            gk = torch.empty_like(kern)                    # the kernels' own memory layout: no copy upstream
+            gkt = gk.permute(3, 0, 1, 2, 4, 5)                                     # (KK, B, S, G, H, W) view
+            for t in range(K * K):
+                r, c = _tap(t, K, H, W)
+                vt = vp[..., r, c]                                                 # (B, S, cps, G, H, W)
+                if cps <= 16:                              # a few in-place multiply-adds, no temporaries
+                    torch.mul(gy[:, :, 0], vt[:, :, 0], out=gkt[t])
+                    for i in range(1, cps):
+                        gkt[t].addcmul_(gy[:, :, i], vt[:, :, i])
+                else:
+                    torch.sum(gy * vt, dim=2, out=gkt[t])
+        return gv, gk
+
+
+def dynamic_aggregate(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
+    """Involution-like depthwise filtering with per-pixel kernels, "same" zero padding.
+
+    ``v (B, C, G, H, W)``, ``kern (B, S, G, K*K, H, W)`` with ``S`` dividing ``C``: channel ``c`` of
+    orientation ``g`` is filtered at pixel ``x`` with kernel ``kern[:, c // (C/S), g, :, x]`` (taps
+    row-major over the KxK window centred on ``x``). Returns ``(B, C, G, H, W)``. A loop over taps with
+    in-place accumulation and a hand-written backward (first order): nothing ``K^2`` times the size of
+    ``v`` is materialised, and only ``v`` (padded) and ``kern`` are saved for the backward.
+    """
+    return _DynamicAggregation.apply(v, kern)
+
+
+def dynamic_aggregate_unfold(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
+    """The same result through ``F.unfold`` (the official formulation): materialises ``K^2`` copies of
+    ``v`` and their product with the kernels. Kept as a reference and for before/after measurements."""
+    B, C, G, H, W, S, cps, K = _shapes(v, kern)
+    u = F.unfold(v.flatten(1, 2), K, padding=K // 2)                               # (B, C*G*KK, H*W)
+    u = u.view(B, S, cps, G, K * K, H, W)                                          # (B, S, cps, G, KK, H, W)
+    return (u * kern.unsqueeze(2)).sum(dim=4).view(B, C, G, H, W)                   # (B, C, G, H, W)
