@@ -11,6 +11,8 @@ NOTEBOOKS = notebook_paths()
 EXPECTED_FIGURES = {
     "01_equivariance_primer.ipynb": ["primer_feature_maps.png", "primer_group_axis.png",
                                      "primer_error_vs_angle.png"],
+    "03_e4_dynamic_filters.ipynb": ["e4_dynamic_filters.png", "e4_filter_rotation.png", "e4_static_vs_dynamic.png",
+                                    "e4_affine_break.png", "e4_cost.png"],
     "04_pdo_stencils.ipynb": ["pdo_stencil_gallery.png", "pdo_rotated_kernels.png", "pdo_error_vs_angle.png",
                               "pdo_convergence.png"],
 }

@@ -1,0 +1,480 @@
+"""What a model costs: parameters, multiply-accumulates (MACs) per image, and measured time.
+
+MACs are counted, not estimated by hand:
+
+* **standard ops** (convolutions, linear layers, matmuls, einsums lowered to ``bmm``) with
+  :class:`torch.utils.flop_counter.FlopCounterMode`; MACs = FLOPs / 2. The model runs on the
+  ``meta`` device (shapes only, instant) in train mode, so every kernel is rebuilt from its
+  parameters as in a training step. Two passes, batch 1 and batch 2, separate the cost **per image**
+  (the difference, the papers' convention) from the batch-independent **kernel build** (steering
+  the weight-tied filters: ``count(1) - per_image``). The kit's group convs steer their filters with
+  an einsum against permutation matrices, which the counter sees; the official code copies slices
+  (no MACs). Per-image numbers are unaffected.
+* **the E4 dynamic aggregation** (per-pixel depthwise filtering with generated kernels:
+  ``out |G| K^2 H W`` MACs per layer, :meth:`kit.layers.e4.E4Conv.aggregation_macs`) is made of
+  elementwise multiply-adds that FLOP counters do not see. It is added per E4 layer at the layer's
+  actual output size. To rule out double counting, the part of the aggregation the counter *does*
+  see is measured by running the layer's aggregation step alone under the counter
+  (:func:`aggregation_seen_by_counter`; 0 for the kit's formulation, whose ops are ``mul`` /
+  ``addcmul``) and subtracted from the addition.
+
+Checked against the counts made on the official E4-Net code (../shared/reference/e4net.md 6): the
+CIFAR ResNet-18 family agrees to rounding (the official CIFAR MACs include the aggregation; the
+MNIST ones list it separately), which reproduces the paper's "56% parameters, 68% FLOPs".
+
+Time: :func:`time_forward_backward` (median wall time of forward + backward, after warm-up, on the
+current thread setting) and :func:`speed_comparison` (an E4 layer against a p4 / p4m group conv
+of equal width). :func:`peak_memory` measures the largest amount of CPU memory allocated by torch
+during a call (profiler memory events), e.g. to compare it with the size of an unfold.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import matplotlib.pyplot as plt
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import models
+from .groups import Group, cyclic, dihedral
+from .layers.e4 import E4Conv, dynamic_aggregate, dynamic_aggregate_unfold
+from .layers.gconv import GroupConv
+
+__all__ = ["Cost", "count_macs", "aggregation_seen_by_counter", "cost_table", "cost_markdown", "cost_ratios",
+           "cost_figure", "CIFAR_MODELS", "MNIST_MODELS", "PAIRS", "time_forward_backward", "peak_memory",
+           "memory_profile",
+           "SpeedCase", "SPEED_CASES", "speed_comparison", "speed_markdown", "aggregation_comparison",
+           "load_average", "speed_cases", "save_text"]
+
+CIFAR_MODELS = ("resnet18", "p4-resnet18", "p4-e4-resnet18", "p4m-resnet18", "p4m-e4-resnet18")
+MNIST_MODELS = ("e4-mnist-normal", "e4-mnist-large")
+PAIRS = (("p4-e4-resnet18", "p4-resnet18"), ("p4m-e4-resnet18", "p4m-resnet18"))
+
+
+# ------------------------------------------------------------------------------ counting
+@dataclass
+class Cost:
+    """Cost of one model for one input of ``input_shape`` (per image)."""
+
+    name: str
+    params: int
+    macs_counted: int        # standard ops seen by FlopCounterMode, per image
+    macs_dynamic: int        # E4 dynamic aggregation added on top (0 for other models)
+    macs_kernel_build: int   # batch-independent: building the steered filters once per forward (train mode)
+    input_shape: tuple
+
+    @property
+    def macs(self) -> int:
+        """Total MACs per image: counted + dynamic aggregation."""
+        return self.macs_counted + self.macs_dynamic
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "macs": self.macs}
+
+
+def _counted_macs(fn) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops() // 2
+
+
+def aggregation_seen_by_counter(layer: E4Conv, B: int, H: int, W: int) -> int:
+    """MACs of ``layer``'s aggregation step (``B`` images of ``H x W``) that FlopCounterMode itself
+    counts (run alone on meta tensors). Subtracted from the added aggregation MACs so nothing is
+    counted twice; 0 for the kit's formulation."""
+    G, KK = layer.out_type.dim, layer.kernel_size ** 2
+    v = torch.empty(B, layer.out_type.n_fields, G, H, W, device="meta")
+    kern = torch.empty(B, layer.slices, G, KK, H, W, device="meta")
+    return _counted_macs(lambda: layer.aggregate(v, kern))
+
+
+def count_macs(model: nn.Module, input_shape: tuple, *, name: str = "") -> Cost:
+    """Parameters and MACs per image of ``model`` for inputs ``(C, H, W) = input_shape``.
+
+    The model is deep-copied to the meta device (the original is untouched); see the module
+    docstring for what is counted.
+    """
+    params = models.count_parameters(model)
+    m = _meta_copy(model).train()
+    e4_sizes = []
+    hooks = [mod.register_forward_hook(lambda mod, inp, out: e4_sizes.append((mod, *out.shape[-2:])))
+             for mod in m.modules() if isinstance(mod, E4Conv)]
+    try:
+        one = _counted_macs(lambda: m(torch.empty(1, *input_shape, device="meta")))
+    finally:
+        for h in hooks:
+            h.remove()
+    two = _counted_macs(lambda: m(torch.empty(2, *input_shape, device="meta")))
+    per_image = two - one
+    dynamic = sum(mod.aggregation_macs(H, W) - aggregation_seen_by_counter(mod, 1, H, W)
+                  for mod, H, W in e4_sizes)
+    return Cost(name or type(model).__name__, params, per_image, dynamic, one - per_image, tuple(input_shape))
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` on the meta device, without copying parameter data."""
+    import copy
+
+    memo = {id(b): b.to("meta") for b in model.buffers()}
+    memo.update({id(p): nn.Parameter(p.to("meta"), requires_grad=p.requires_grad) for p in model.parameters()})
+    return copy.deepcopy(model, memo)
+
+
+# ------------------------------------------------------------------------------ the table
+def _reported_macs(card) -> tuple[int | None, str]:
+    r = card.reported
+    if "macs" not in r:
+        return None, ""
+    if "macs_dynamic" in r:                     # MNIST: conv + linear listed apart from the aggregation
+        return int(r["macs"] + r["macs_dynamic"]), "conv+linear + aggregation, listed separately"
+    return int(r["macs"]), "total"
+
+
+def cost_table(names=CIFAR_MODELS + MNIST_MODELS, **overrides) -> list[dict]:
+    """One row per registered model: parameters and MACs, ours and the reference's (official code).
+
+    Keys: ``model``, ``params``, ``params_ref``, ``params_diff`` (relative), ``macs_counted``,
+    ``macs_dynamic``, ``macs``, ``macs_ref``, ``macs_diff`` (relative), ``macs_kernel_build``,
+    ``input``. ``overrides`` go to :func:`kit.models.create` (e.g. ``affine="per_channel"``).
+    """
+    rows = []
+    for name in names:
+        card = models.model_card(name)
+        kw = {k: v for k, v in overrides.items() if k in card.parameters}
+        cost = count_macs(models.create(name, **kw), card.input_shape, name=name)
+        p_ref = card.reported.get("params")
+        m_ref, _ = _reported_macs(card)
+        rows.append({"model": name, "params": cost.params, "params_ref": p_ref,
+                     "params_diff": (cost.params / p_ref - 1) if p_ref else None,
+                     "macs_counted": cost.macs_counted, "macs_dynamic": cost.macs_dynamic, "macs": cost.macs,
+                     "macs_ref": m_ref, "macs_diff": (cost.macs / m_ref - 1) if m_ref else None,
+                     "macs_kernel_build": cost.macs_kernel_build,
+                     "input": "x".join(map(str, card.input_shape))})
+    return rows
+
+
+def cost_ratios(rows: list[dict], pairs=PAIRS) -> list[dict]:
+    """Parameter and MAC ratios ``model / baseline`` for each pair present in ``rows`` (ours and reference)."""
+    by = {r["model"]: r for r in rows}
+    out = []
+    for a, b in pairs:
+        if a in by and b in by:
+            ra, rb = by[a], by[b]
+            out.append({"model": a, "baseline": b, "params_ratio": ra["params"] / rb["params"],
+                        "macs_ratio": ra["macs"] / rb["macs"],
+                        "params_ratio_ref": (ra["params_ref"] / rb["params_ref"]) if ra["params_ref"] else None,
+                        "macs_ratio_ref": (ra["macs_ref"] / rb["macs_ref"]) if ra["macs_ref"] else None})
+    return out
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:+.2f}%"
+
+
+def cost_markdown(rows: list[dict], ratios: list[dict] | None = None) -> str:
+    """The cost table (and the pair ratios) as markdown."""
+    ratios = cost_ratios(rows) if ratios is None else ratios
+    lines = ["| model | input | params | params (ref.) | diff | MACs counted | + E4 aggregation | MACs total "
+             "| MACs (ref.) | diff |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ref_p = f"{r['params_ref']:,}" if r["params_ref"] else "-"
+        ref_m = f"{r['macs_ref'] / 1e6:,.1f} M" if r["macs_ref"] else "-"
+        lines.append(f"| {r['model']} | {r['input']} | {r['params']:,} | {ref_p} | {_pct(r['params_diff'])} "
+                     f"| {r['macs_counted'] / 1e6:,.1f} M | {r['macs_dynamic'] / 1e6:,.2f} M "
+                     f"| {r['macs'] / 1e6:,.1f} M "
+                     f"| {ref_m} | {_pct(r['macs_diff'])} |")
+    if ratios:
+        lines += ["", "| ratio | params | params (ref.) | MACs | MACs (ref.) |", "|---|---:|---:|---:|---:|"]
+        for q in ratios:
+            f = lambda x: "-" if x is None else f"{100 * x:.1f}%"
+            lines.append(f"| {q['model']} / {q['baseline']} | {f(q['params_ratio'])} | {f(q['params_ratio_ref'])} "
+                         f"| {f(q['macs_ratio'])} | {f(q['macs_ratio_ref'])} |")
+    lines += ["", "MACs per image (FLOPs = 2 MACs), counted with `torch.utils.flop_counter.FlopCounterMode` plus the "
+              "E4 dynamic aggregation (`out |G| K^2 H W` per E4 layer), which FLOP counters do not see. Reference: "
+              "counted on the official E4-Net code (../shared/reference/e4net.md section 6; its MNIST MACs list "
+              "the aggregation separately, summed here). Parameter differences of the E4 models: per-field "
+              "GroupNorm affine (2 per field instead of 2 per field and orientation), see kit/models/e4.py."]
+    return "\n".join(lines)
+
+
+_BAR = {"resnet18": "#7f7f7f", "p4-resnet18": "#1f77b4", "p4-e4-resnet18": "#aec7e8",
+        "p4m-resnet18": "#2ca02c", "p4m-e4-resnet18": "#98df8a", "e4-mnist-normal": "#ff7f0e",
+        "e4-mnist-large": "#ffbb78"}
+
+
+def _unit(v: float) -> tuple[float, str]:
+    return (1e6, "M") if v >= 1e6 else (1e3, "k")
+
+
+def cost_figure(rows: list[dict]):
+    """Bar charts: parameters and MACs per image of each model, ours beside the reference.
+
+    One row of two panels per input size (CIFAR 3x32x32, MNIST 1x28x28: scales a thousand-fold
+    apart). The MAC bars are split into counted ops (solid) and the E4 dynamic aggregation
+    (hatched); the reference (official code) is a black tick. E4 bars carry their ratio to the
+    matching G-CNN and the size of their aggregation.
+    """
+    by = {r["model"]: r for r in rows}
+    ratios = {q["model"]: q for q in cost_ratios(rows)}
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["input"], []).append(r["model"])
+    width = max(len(g) for g in groups.values())
+    fig, axes = plt.subplots(len(groups), 2, figsize=(max(8.0, 2.6 * width + 1.5), 4.2 * len(groups)), squeeze=False)
+    for row_axes, (inp, names) in zip(axes, groups.items()):
+        for ax, key in zip(row_axes, ("params", "macs")):
+            unit, u = _unit(max(by[n][key] for n in names))
+            dyn_labelled = False
+            for i, n in enumerate(names):
+                r = by[n]
+                col = _BAR.get(n, "#888888")
+                if key == "macs":
+                    ax.bar(i, r["macs_counted"] / unit, color=col, edgecolor="black", linewidth=0.5)
+                    if r["macs_dynamic"]:
+                        ax.bar(i, r["macs_dynamic"] / unit, bottom=r["macs_counted"] / unit, color="white",
+                               edgecolor="black", hatch="////", linewidth=0.5,
+                               label=None if dyn_labelled else "E4 aggregation (not seen by FLOP counters)")
+                        dyn_labelled = True
+                else:
+                    ax.bar(i, r[key] / unit, color=col, edgecolor="black", linewidth=0.5)
+                ref = r[f"{key}_ref"]
+                if ref:
+                    ax.plot([i - 0.4, i + 0.4], [ref / unit] * 2, color="black", lw=2,
+                            label="reference (official code)" if i == 0 else None)
+                note = []
+                q = ratios.get(n)
+                if q:
+                    v = q["params_ratio" if key == "params" else "macs_ratio"]
+                    note.append(f"{100 * v:.1f}% of {q['baseline']}")
+                if key == "macs" and r["macs_dynamic"]:
+                    share = 100 * r["macs_dynamic"] / r["macs"]
+                    note.append(f"aggregation {r['macs_dynamic'] / 1e6:.1f} M ({share:.1f}%)")
+                if note:
+                    ax.annotate("\n".join(note), (i, r[key] / unit), xytext=(0, 4), textcoords="offset points",
+                                ha="center", va="bottom", fontsize=7)
+            ax.set_xticks(range(len(names)))
+            ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+            ax.set_xlim(-0.6, width - 0.4)
+            ax.set_title(f"{'parameters' if key == 'params' else 'MACs per image'} ({u}), input {inp}", fontsize=9)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.18)
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle("E4-Net cost: parameters and MACs per image (FlopCounterMode + the dynamic aggregation)",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------ timing
+def load_average() -> str:
+    """The 1/5/15-minute load averages and the CPU count, for stating next to every timing."""
+    try:
+        a, b, c = os.getloadavg()
+        return f"load {a:.2f} {b:.2f} {c:.2f} on {os.cpu_count()} CPUs"
+    except OSError:                                                          # pragma: no cover
+        return f"load unknown, {os.cpu_count()} CPUs"
+
+
+def time_forward_backward(module: nn.Module, x: torch.Tensor, *, repeats: int = 10, warmup: int = 2) -> dict:
+    """Wall time of ``module(x)`` forward + backward (of ``y.sum()``), in train mode.
+
+    Returns ``{"median", "q25", "q75", "times"}`` in seconds over ``repeats`` runs after ``warmup``
+    runs. Runs on the current ``torch.get_num_threads()``.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    module.train()
+    x = x.detach().requires_grad_(True)
+    times = []
+    for i in range(warmup + repeats):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        t = time.perf_counter()
+        module(x).sum().backward()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+    return {"median": statistics.median(times), "q25": q[0], "q75": q[2], "times": times}
+
+
+def peak_memory(fn) -> int:
+    """Peak bytes of CPU memory allocated by torch while ``fn()`` runs; see :func:`memory_profile`."""
+    return memory_profile(fn)[0]
+
+
+def memory_profile(fn) -> tuple[int, int]:
+    """``(peak, retained)``: the most bytes of CPU memory torch held while ``fn()`` ran, and what
+    it still holds when ``fn`` returns (e.g. tensors saved for the backward), both above what was
+    live before: the running sum, in time order, of every profiler event's own allocations and frees."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # allocations (+) and frees (-), each counted once (self), in time order: a leaf op allocates when
+    # it starts; what an enclosing op's own record holds (frees of its temporaries) happens when it ends
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.end if e.cpu_children else e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak, live
+
+
+@dataclass(frozen=True)
+class SpeedCase:
+    """One E4-vs-G-conv comparison: layer widths and settings, input size and batch."""
+
+    label: str
+    group: str              # "C4" (p4) or "D4" (p4m)
+    fields: int             # input and output fields of both layers
+    size: int               # H = W
+    batch: int
+    kernel_size: int
+    reduction: int
+    channels_per_slice: int
+
+    def group_obj(self) -> Group:
+        return {"C4": cyclic(4), "D4": dihedral(4)}[self.group]
+
+
+SPEED_CASES = (
+    SpeedCase("CIFAR stage 2 (p4-E4-R18)", "C4", 64, 16, 32, 3, 2, 2),
+    SpeedCase("MNIST-rot Normal", "C4", 16, 28, 32, 5, 1, 8),
+)
+
+
+def speed_cases(*, batch: int | None = None, cases=SPEED_CASES) -> tuple[SpeedCase, ...]:
+    """The standard comparisons, optionally with another batch size (e.g. a quick profile)."""
+    from dataclasses import replace
+
+    return tuple(cases) if batch is None else tuple(replace(c, batch=batch) for c in cases)
+
+
+def save_text(text: str, path) -> "os.PathLike":
+    """Write ``text`` (e.g. a markdown table) to ``path`` atomically; returns the path."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text.rstrip("\n") + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def _layers(case: SpeedCase, seed: int = 0):
+    G = case.group_obj()
+    torch.manual_seed(seed)
+    e4 = E4Conv(group=G, in_fields=case.fields, out_fields=case.fields, kernel_size=case.kernel_size,
+                reduction=case.reduction, channels_per_slice=case.channels_per_slice)
+    gc = GroupConv(group=G, in_fields=case.fields, out_fields=case.fields, kernel_size=case.kernel_size, bias=False)
+    x = torch.randn(case.batch, case.fields, G.order, case.size, case.size)
+    return e4, gc, x
+
+
+def speed_comparison(cases=SPEED_CASES, *, repeats: int = 10, warmup: int = 2,
+                     threads: int | None = None) -> list[dict]:
+    """Forward + backward time of an E4 layer vs a group conv of equal width (same fields, kernel
+    size, input), next to their MAC and parameter ratios.
+
+    The two layers are timed alternately (one run each, ``repeats`` times) so that a changing machine
+    load hits both alike; medians are reported. ``threads`` sets ``torch.set_num_threads`` for the
+    measurement (restored afterwards). Each row records the threads and the load average.
+    """
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    rows = []
+    try:
+        for case in cases:
+            e4, gc, x = _layers(case)
+            shape = tuple(x.shape[1:])
+            ce, cg = count_macs(e4, shape), count_macs(gc, shape)
+            te, tg = [], []
+            time_forward_backward(e4, x, repeats=1, warmup=warmup)
+            time_forward_backward(gc, x, repeats=1, warmup=warmup)
+            for _ in range(repeats):
+                te += time_forward_backward(e4, x, repeats=1, warmup=0)["times"]
+                tg += time_forward_backward(gc, x, repeats=1, warmup=0)["times"]
+            me, mg = statistics.median(te), statistics.median(tg)
+            rows.append({"case": case.label, "group": case.group, "fields": case.fields,
+                         "input": f"{case.batch}x{case.fields}x{case.group_obj().order}x{case.size}x{case.size}",
+                         "kernel_size": case.kernel_size, "e4_ms": 1e3 * me, "gconv_ms": 1e3 * mg,
+                         "e4_iqr_ms": 1e3 * (statistics.quantiles(te, n=4)[2] - statistics.quantiles(te, n=4)[0])
+                         if len(te) > 1 else 0.0,
+                         "gconv_iqr_ms": 1e3 * (statistics.quantiles(tg, n=4)[2] - statistics.quantiles(tg, n=4)[0])
+                         if len(tg) > 1 else 0.0,
+                         "time_ratio": me / mg, "macs_ratio": ce.macs / cg.macs,
+                         "params_ratio": ce.params / cg.params, "e4_macs": ce.macs, "gconv_macs": cg.macs,
+                         "repeats": repeats, "threads": torch.get_num_threads(), "load": load_average(),
+                         "device": "cpu"})
+    finally:
+        torch.set_num_threads(old)
+    return rows
+
+
+def speed_markdown(rows: list[dict]) -> str:
+    lines = ["| layer pair (equal width) | input B x C x G x H x W | K | E4 fwd+bwd | G-conv fwd+bwd | time E4/G-conv "
+             "| MACs E4/G-conv | params E4/G-conv |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['case']} ({r['group']}, {r['fields']} fields) | {r['input']} | {r['kernel_size']} "
+                     f"| {r['e4_ms']:.1f} ms | {r['gconv_ms']:.1f} ms | {100 * r['time_ratio']:.0f}% "
+                     f"| {100 * r['macs_ratio']:.0f}% | {100 * r['params_ratio']:.0f}% |")
+    if rows:
+        r = rows[0]
+        lines += ["", f"CPU, {r['threads']} thread(s), median of {r['repeats']} alternating runs after warm-up; "
+                      f"{r['load']} at the end of the measurement."]
+    return "\n".join(lines)
+
+
+def aggregation_comparison(case: SpeedCase = SPEED_CASES[0], *, repeats: int = 10, warmup: int = 2) -> dict:
+    """Before/after for the dynamic aggregation alone: the unfold formulation (official) against the
+    kit's tap loop, on the encoder output and kernels of ``case``: forward+backward time (median),
+    peak memory of the forward without and with autograd, the unfold's size, and the largest
+    difference of the results and gradients."""
+    e4, _, x = _layers(case)
+    with torch.no_grad():
+        kern = e4.generate_kernels(x)
+        v = e4.encoder(x)
+    unfold_bytes = v.numel() * e4.kernel_size ** 2 * v.element_size()
+    out = {"case": case.label, "v_bytes": v.numel() * v.element_size(),
+           "kern_bytes": kern.numel() * kern.element_size(), "unfold_bytes": unfold_bytes,
+           "threads": torch.get_num_threads()}
+    results = {}
+    for name, f in (("unfold", dynamic_aggregate_unfold), ("taps", dynamic_aggregate)):
+        def run(f=f):
+            vv, kk = v.clone().requires_grad_(True), kern.clone().requires_grad_(True)
+            y = f(vv, kk)
+            y.backward(torch.ones_like(y))
+            return y, vv.grad, kk.grad
+        for _ in range(warmup):
+            run()
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            run()
+            ts.append(time.perf_counter() - t)
+        with torch.no_grad():
+            out[f"{name}_peak_nograd_bytes"] = peak_memory(lambda f=f: f(v, kern))
+        vv, kk = v.clone().requires_grad_(True), kern.clone().requires_grad_(True)
+        box = []
+        out[f"{name}_peak_grad_bytes"], out[f"{name}_retained_grad_bytes"] = memory_profile(
+            lambda f=f: box.append(f(vv, kk)))               # keeps the output and its graph alive
+        box.clear()
+        out[f"{name}_ms"] = 1e3 * statistics.median(ts)
+        results[name] = run()
+    out["max_abs_diff"] = max(float((a - b).detach().abs().max()) for a, b in zip(results["unfold"], results["taps"]))
+    out["load"] = load_average()
+    return out

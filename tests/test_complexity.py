@@ -1,0 +1,117 @@
+"""kit.complexity: parameter and MAC counts (FlopCounterMode + the E4 dynamic aggregation), the
+paper's cost claim, the exact tap-loop aggregation and the timing / memory helpers.
+
+* p4-E4-R18 / p4-R18: parameters ~56%, MACs ~68% (within 2 points; the abstract's claim), the p4m
+  pair as counted on the official code; every CIFAR model's MACs against the official counts;
+* the E4 aggregation is counted (an E4 model costs more than FlopCounterMode alone reports) and not
+  counted twice (the counter sees none of it);
+* parameter counts are :func:`kit.models.count_parameters`;
+* the tap-loop aggregation equals the unfold formulation (values and gradients) and materialises
+  far less than the unfold.
+"""
+import matplotlib
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+matplotlib.use("Agg")
+
+from kit import complexity as cx  # noqa: E402
+from kit import models  # noqa: E402
+from kit.groups import cyclic, dihedral  # noqa: E402
+from kit.layers.e4 import E4Conv, dynamic_aggregate, dynamic_aggregate_unfold  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def cifar_rows():
+    return cx.cost_table(cx.CIFAR_MODELS)
+
+
+def test_cost_claim_56_percent_params_68_percent_macs(cifar_rows):
+    ratios = {q["model"]: q for q in cx.cost_ratios(cifar_rows)}
+    p4 = ratios["p4-e4-resnet18"]
+    assert abs(p4["params_ratio"] - 0.56) <= 0.02, p4          # measured 56.8%
+    assert abs(p4["macs_ratio"] - 0.68) <= 0.02, p4            # measured 68.8%
+    p4m = ratios["p4m-e4-resnet18"]                            # official code: 55.1% and 67.5%
+    assert abs(p4m["params_ratio"] - p4m["params_ratio_ref"]) <= 0.005, p4m
+    assert abs(p4m["macs_ratio"] - p4m["macs_ratio_ref"]) <= 0.005, p4m
+
+
+def test_every_cifar_model_matches_the_official_counts(cifar_rows):
+    for r in cifar_rows:
+        assert abs(r["macs_diff"]) < 0.002, r                  # 555 / 2973 / 2046 / 5619 / 3794 M
+        assert abs(r["params_diff"]) < 0.001, r                # E4: per-field GroupNorm affine, -0.05 / -0.08%
+        assert r["params"] == models.count_parameters(models.create(r["model"]))
+    by = {r["model"]: r for r in cifar_rows}
+    assert by["p4-resnet18"]["macs_dynamic"] == 0 and by["p4-e4-resnet18"]["macs_dynamic"] == 4_423_680
+    md = cx.cost_markdown(cifar_rows)
+    assert "p4-e4-resnet18 / p4-resnet18 | 56.8%" in md and "| 68.8% |" in md
+
+
+def test_dynamic_aggregation_is_counted_once(digits):
+    m = models.create("e4-mnist-normal")
+    cost = cx.count_macs(m, (1, 28, 28))
+    with torch.no_grad():
+        m.eval()(digits[:1])                       # warm-up: fills the steered-kernel caches
+        with FlopCounterMode(display=False) as fc:
+            m(digits[:1])
+    counter_only = fc.get_total_flops() // 2
+    assert cost.macs > counter_only and cost.macs_counted == counter_only    # eval: steered kernels cached
+    layers = [mod for mod in m.modules() if isinstance(mod, E4Conv)]
+    sizes = [28, 14, 14, 7, 7, 7]
+    assert cost.macs_dynamic == sum(mod.aggregation_macs(s, s) for mod, s in zip(layers, sizes)) == 2_116_800
+    assert cost.params == models.count_parameters(m)
+    # the counter sees the generator and the two 1x1 convs of one layer, and none of its aggregation
+    e4 = E4Conv(group=cyclic(4), in_fields=8, out_fields=6, kernel_size=5, reduction=2, channels_per_slice=3)
+    assert cx.aggregation_seen_by_counter(e4, 2, 9, 9) == 0
+    G, HW = 4, 9 * 9
+    layer = cx.count_macs(e4, (8, G, 9, 9))
+    assert layer.macs_counted == HW * (G * 8 * G * 6 + G * 8 * G * 4 + G * 4 * 2 * 25)
+    assert layer.macs_dynamic == 6 * G * 25 * HW
+
+
+@pytest.mark.parametrize("G,K,cps", [(cyclic(4), 3, 2), (dihedral(4), 5, 3)], ids=["C4-K3", "D4-K5"])
+def test_tap_loop_aggregation_equals_unfold(G, K, cps):
+    g = torch.Generator().manual_seed(0)
+    B, C, H, W = 2, 6, 7, 5
+    v = torch.randn(B, C, G.order, H, W, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, C // cps, G.order, K * K, H, W, generator=g, dtype=torch.float64, requires_grad=True)
+    y = dynamic_aggregate(v, k)
+    w = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    gv, gk = torch.autograd.grad((y * w).sum(), (v, k))
+    y0 = dynamic_aggregate_unfold(v, k)
+    gv0, gk0 = torch.autograd.grad((y0 * w).sum(), (v, k))
+    assert torch.allclose(y, y0, atol=1e-12) and torch.allclose(gv, gv0, atol=1e-12) \
+        and torch.allclose(gk, gk0, atol=1e-12)
+    assert torch.autograd.gradcheck(dynamic_aggregate, (v[:1, :, :2], k[:1, :, :2]), fast_mode=True)
+    with pytest.raises(ValueError, match="dynamic aggregation needs"):
+        dynamic_aggregate(v, k[..., :4, :])
+
+
+def test_tap_loop_materialises_far_less_than_the_unfold():
+    v = torch.randn(2, 16, 4, 16, 16)
+    k = torch.randn(2, 2, 4, 25, 16, 16)
+    unfold_bytes = v.numel() * 25 * 4
+    with torch.no_grad():
+        taps = cx.peak_memory(lambda: dynamic_aggregate(v, k))
+        unfold = cx.peak_memory(lambda: dynamic_aggregate_unfold(v, k))
+    assert unfold >= unfold_bytes                  # the unfold itself (plus its product with the kernels)
+    assert taps <= 3 * v.numel() * 4 * 1.5         # padded input + output (+ slack)
+    assert taps < unfold_bytes / 5
+
+
+def test_timing_helpers_and_figure():
+    m = torch.nn.Conv2d(2, 3, 3)
+    t = cx.time_forward_backward(m, torch.randn(1, 2, 8, 8), repeats=3, warmup=1)
+    assert len(t["times"]) == 3 and t["q25"] <= t["median"] <= t["q75"]
+    case = cx.SpeedCase("tiny", "D4", 2, 8, 1, 3, 1, 1)
+    rows = cx.speed_comparison([case], repeats=1, warmup=0, threads=1)
+    assert rows[0]["threads"] == 1 and rows[0]["time_ratio"] > 0 and 0 < rows[0]["macs_ratio"] < 1
+    assert "time E4/G-conv" in cx.speed_markdown(rows) and "load" in rows[0]["load"]
+    rows = [{"model": "a", "input": "3x32x32", "params": 10, "params_ref": 10, "params_diff": 0.0,
+             "macs_counted": 100, "macs_dynamic": 5, "macs": 105, "macs_ref": 104, "macs_diff": 0.01,
+             "macs_kernel_build": 0}]
+    fig = cx.cost_figure(rows)
+    assert len(fig.axes) == 2
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        cx.time_forward_backward(m, torch.randn(1, 2, 8, 8), repeats=0)
