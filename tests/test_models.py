@@ -15,13 +15,18 @@ def test_registry_lists_the_foundation_models():
 
 
 def small(name):
-    """Big (CIFAR-sized) models are exercised at about 1/8 of their widths (multiples of 8) to keep CI fast; their
-    full-size parameter counts are tested in the family's own test file."""
+    """Big models (CIFAR ResNets, full-width separable ResNets) are exercised at about 1/8 of their
+    widths (multiples of 8) and with at most 4 rotations to keep CI fast; their full-size parameter
+    counts are tested in the family's own test file."""
     card = models.model_card(name)
-    widths = card.parameters.get("widths")
-    if "cifar" in card.tags and isinstance(widths, tuple):
-        return models.create(name, widths=tuple(max(8, 8 * (w // 64)) for w in widths))
-    return models.create(name)
+    params = card.parameters
+    overrides = {}
+    widths = params.get("widths")
+    if isinstance(widths, tuple) and ({"cifar", "separable"} & set(card.tags)) and "small" not in card.tags:
+        overrides["widths"] = tuple(max(8, 8 * (w // 64)) for w in widths)
+    if isinstance(params.get("rotations"), int) and params["rotations"] > 4:
+        overrides["rotations"] = 4
+    return models.create(name, **overrides)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -13,6 +13,13 @@ EXPECTED_FIGURES = {
                                      "primer_error_vs_angle.png"],
     "03_e4_dynamic_filters.ipynb": ["e4_dynamic_filters.png", "e4_filter_rotation.png", "e4_static_vs_dynamic.png",
                                     "e4_affine_break.png", "e4_cost.png"],
+    "02_kernel_redundancy.ipynb": ["redundancy_rank1_trained.png", "redundancy_rank1_init.png",
+                                   "redundancy_spectra.png", "redundancy_explained_variance.png",
+                                   "redundancy_summary.png"],
+    "06_separable_lie_groups.ipynb": ["separable_kernel_function.png", "separable_kernel_function_sim2.png",
+                                      "separable_vs_nonseparable.png", "separable_error_vs_angle.png"],
+    "05_neural_epdo.ipynb": ["epdo_coefficients.png", "epdo_rotation.png", "epdo_discretisations.png",
+                             "epdo_error_vs_angle.png"],
     "04_pdo_stencils.ipynb": ["pdo_stencil_gallery.png", "pdo_rotated_kernels.png", "pdo_error_vs_angle.png",
                               "pdo_convergence.png"],
 }

@@ -2,9 +2,12 @@
 from .base import (EquivariantModule, EquivariantSequential, FieldReLU, GroupBatchNorm, GroupPool,
                    InvariantHead, KernelCache, SpatialPool)
 from .e4 import E4Conv, FieldGroupNorm
+from .epdo import EquivariantConv1x1, LinearPDOConv, NeuralEPDOConv
 from .gconv import GroupConv, LiftingConv
 from .pdo import PDOGroupConv, PDOLiftingConv
+from .separable import LieGroupConv, LieLiftingConv
 
 __all__ = ["EquivariantModule", "EquivariantSequential", "FieldReLU", "GroupBatchNorm", "GroupPool",
            "InvariantHead", "KernelCache", "SpatialPool", "GroupConv", "LiftingConv", "E4Conv", "FieldGroupNorm",
-           "PDOGroupConv", "PDOLiftingConv"]
+           "PDOGroupConv", "PDOLiftingConv", "EquivariantConv1x1", "LinearPDOConv", "NeuralEPDOConv",
+           "LieLiftingConv", "LieGroupConv"]

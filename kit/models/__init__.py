@@ -105,4 +105,4 @@ def calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
     return model.eval()
 
 
-from . import e4, mnist, pdo  # noqa: E402,F401  (registers the models)
+from . import e4, epdo, mnist, pdo, separable  # noqa: E402,F401  (registers the models)

@@ -1,0 +1,769 @@
+"""Neural ePDOs (He, Chen, Shen, Wang, Lin, ICLR 2023): spatially adaptive partial differential
+operators whose coefficients an equivariant pointwise MLP generates from the local features.
+
+What is here
+------------
+* **Representations** (built on :mod:`kit.groups`, so in the kit's one rotation direction):
+  :func:`quotient_rep` (C_n acting on the cosets of C_h), :func:`derivative_rep` (how the order-k
+  derivatives ``(dx^k, dx^(k-1) dy, ..., dy^k)`` of a rotated function transform),
+  :func:`pdo_rep` (orders 0..4, 15-dim), :func:`coefficient_rep` (its contragredient: how PDO
+  coefficients transform), :func:`direct_sum`, :func:`tensor_rep`, :func:`contragredient` and
+  :func:`field_rep` (``"regular"`` or the paper's ``"quotient"`` type, regular + quotient_4).
+* **The solver** :func:`intertwiner_basis`: a float64 basis of ``Hom_G(rho_in, rho_out) = {W :
+  rho_out(g) W = W rho_in(g)}``, orthonormal in the Frobenius inner product, cached per
+  (group, input rep, output rep) in process and, opt-in (``KIT_EPDO_DISK_CACHE=1`` or ``disk=True``),
+  on disk under ``.kit_cache/epdo`` (written atomically). When one side is a permutation
+  representation (regular, quotient, trivial: every case of the paper) the null space is obtained orbit by orbit (Frobenius reciprocity:
+  ``W e_(g.i0) = rho_out(g) w`` with ``w`` fixed by the stabiliser of ``i0``), which needs only tiny
+  ``d_out``-sized null spaces; otherwise the stacked constraint of the generators is solved densely
+  (SVD, explicit tolerance). The public code solves a 10240 x 5120 SVD at float32 tolerance for
+  D16 (minutes; and the rank is wrong in float64); here every basis of the D16 model takes < 1 s.
+* :class:`EquivariantConv1x1` (pointwise equivariant channel mixing), :class:`LinearPDOConv` (the
+  linear PDO-eConv of order 4 on 5x5 stencils, the lifting layer of the paper) and
+  :class:`NeuralEPDOConv` (the Neural ePDO layer).
+
+The math (kit conventions: ``(g.f)(x) = rho(g) f(A_g^-1 x)``, x right, y up)
+------------------------------------------------------------------------------
+For ``f' = f o A^-1`` the chain rule gives ``grad f'(x) = A grad f(A^-1 x)`` (A orthogonal), so the
+vector ``U_k`` of order-k derivatives transforms as ``U_k' (x) = D_k(g) U_k(A^-1 x)`` with ``D_k(g)``
+the k-th symmetric power of ``A_g`` in the monomial basis (:func:`derivative_rep`; computed with
+:func:`kit.layers.pdo.substitution_matrix`, ``D(g) = T(A_g^T)``).
+
+* Linear PDO-eConv: ``y(x) = W U(x)`` with ``U = (d^a f_i)`` of type ``D (x) rho_in`` is equivariant
+  iff ``rho_out(g) W = W (D(g) (x) rho_in(g))``; one basis per order k, discretised with the 15
+  stencils (kernel ``K[o, i] = sum_a W[o, (a, i)] S_a``), each basis kernel at unit Frobenius norm.
+* Neural ePDO (depthwise, "diagonal" coefficients): ``y_c(x) = sum_a C[c, a](x) d^a f_c(x)`` for a
+  permutation ``rho``. Writing the rotated derivatives out, ``y' = rho(g) y(A^-1 .)`` iff the
+  generated coefficients transform as ``C' (x) = rho(g) C(A^-1 x) D(g)^-1``, i.e. the coefficient
+  field has type ``rho (x) D^-T`` (:func:`coefficient_rep`). The generator is therefore an
+  equivariant 1x1 map ``regular -> rho (x) D^-T``; the stencils are folded into its basis
+  (``K = C S``, a ``d x 25`` stencil per generated field and pixel). On the pixel grid the 90-degree
+  rotations and the mirrors map every stencil onto the stencil of the transformed operator
+  exactly (tested in ``tests/test_stencils.py``), so the layer is exactly equivariant there, for
+  fd, gauss and rbffd alike; other angles (22.5 degrees) are approximate.
+
+The Neural ePDO layer (``x: (B, z, d, H, W)``, ``|G|`` group order):
+
+1. ``m = (z d) // (reduction |G|)`` hidden regular fields; ``h = ReLU(norm(conv1x1(x)))``, ``norm`` =
+   GroupNorm with one group per field (statistics over (|G|, H, W)), per-field affine, followed by
+   the public code's *extra* per-field scale and bias (4 m parameters; the two affines compose to
+   one, kept for the parameter count).
+2. generator: grouped (``s`` groups of whole fields) equivariant 1x1 ``m regular -> g fields of
+   rho (x) D^-T`` (15 coefficients per component), basis orthonormalised in kernel space (the public
+   code's QR), output divided by 5; per pixel the stencils ``K = c S`` (the public code folds ``S``
+   into the generator basis: the same map, 25 instead of 15 outputs per component).
+3. L1 normalisation ``K <- K / (||K||_1 + 0.01)`` over the ``d * 25`` entries of each generated field
+   per pixel (invariant under the exact grid symmetries, which permute those entries).
+4. dynamic depthwise 5x5 filtering of ``x``: the z fields form ``z / g`` contiguous partitions of
+   ``g`` fields; field ``j`` of every partition, component ``c``, is filtered at pixel ``x`` with the
+   generated stencil ``K[j, c, :, x]`` (tap loop of :func:`kit.layers.e4.dynamic_aggregate`).
+5. output: equivariant 1x1 ``z fields of rho -> out_fields of rho_out`` (no bias).
+
+Parameters: ``z m d + 4 m + (m/s) g (d 15) + z z_out dim Hom(rho, rho_out)``, the public code's
+count (``../shared/reference/neural_epdo.md`` section 6.3).
+
+Kernels (the 1x1 weights, the lifting filter bank, the generator weight) are rebuilt from the
+parameters every training forward and cached in eval mode by :class:`kit.layers.base.KernelCache`
+(never stale). All discretisations come from :func:`kit.layers.stencils.stencil_bank` with one
+component order and one sign convention, so fd, gauss and rbffd are equivariant in the same
+direction (the public code mirrors gauss / RBF-FD, section 4.5 of the reference).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..fields import FieldType
+from ..groups import Group, Representation, regular_rep
+from .base import EquivariantModule, KernelCache
+from .e4 import FieldGroupNorm, dynamic_aggregate
+from .pdo import substitution_matrix
+from .stencils import METHODS, component_index, stencil_bank
+
+__all__ = ["quotient_rep", "derivative_rep", "pdo_rep", "coefficient_rep", "direct_sum", "tensor_rep",
+           "contragredient", "field_rep", "rep_key", "intertwiner_basis", "hom_dimension", "solve_dense",
+           "cache_dir", "clear_cache", "pdo_stencil_matrix", "pdo_conv_basis", "generator_basis",
+           "EquivariantConv1x1", "LinearPDOConv", "NeuralEPDOConv", "centre_equivariance_error",
+           "MAX_ORDER", "N_OPS", "KERNEL_SIZE", "TOL", "DISK_CACHE"]
+
+MAX_ORDER = 4                 # PDOs of order <= 4 ...
+N_OPS = 15                    # ... 1 + 2 + 3 + 4 + 5 monomials d^a
+KERNEL_SIZE = 5               # ... discretised on 5x5 stencils
+TOL = 1e-8                    # relative singular-value threshold of the null spaces (float64)
+_VERSION = "epdo-v1"          # bump to invalidate the on-disk cache
+
+
+# =============================================================================== representations
+class _ProductRepresentation(Representation):
+    """A representation assembled from checked factors (tensor products / direct sums / duals).
+
+    The homomorphism property follows from the factors', so the O(|G|^2 d^3) re-check of
+    :class:`kit.groups.Representation` is skipped (it would take minutes for ``d = 480``)."""
+
+    def __init__(self, group: Group, name: str, matrices: torch.Tensor, key: str):
+        self.group, self.name, self.matrices = group, name, matrices
+        self.perm = _perm_of(matrices)
+        self._key = key
+
+
+def _perm_of(M: torch.Tensor):
+    ok = bool(((M == 0) | (M == 1)).all() and (M.sum(-1) == 1).all() and (M.sum(-2) == 1).all())
+    return M.argmax(-1) if ok else None
+
+
+def rep_key(rep: Representation) -> str:
+    """A content key for caching: group, name, dimension and a digest of the matrices."""
+    key = getattr(rep, "_key", None)
+    if key is None:
+        digest = hashlib.sha1(rep.matrices.contiguous().numpy().tobytes()).hexdigest()[:16]
+        key = f"{rep.group.name}:{rep.name}:{rep.dim}:{digest}"
+        rep._key = key
+    return key
+
+
+def _check_group(group):
+    if not isinstance(group, Group):
+        raise ValueError(f"expected a kit.groups.Group (cyclic(n) / dihedral(n)), got {group!r}")
+
+
+def quotient_rep(group: Group, subgroup: int) -> Representation:
+    """The permutation representation of C_n on the cosets of its subgroup C_h (``h = subgroup``),
+    dimension ``n / h``: the generator (rotation by 360/n degrees) shifts the cosets by one, the
+    rotations of C_h act trivially. ``quotient_rep(cyclic(16), 4)`` is the public code's ``quo_4``
+    (dimension 4; 90 degrees acts trivially)."""
+    _check_group(group)
+    if group.flip:
+        raise ValueError(f"quotient_rep is defined for cyclic groups only, got {group.name}")
+    if isinstance(subgroup, bool) or not isinstance(subgroup, int) or subgroup < 1 or group.n % subgroup:
+        raise ValueError(f"the subgroup order must be an int dividing n = {group.n}, got {subgroup!r}")
+    q = group.n // subgroup
+    M = torch.zeros(group.order, q, q, dtype=torch.float64)
+    for g in group.elements:                         # rho(k) e_j = e_(j + k mod q)
+        M[group.index(g), (torch.arange(q) + g.k) % q, torch.arange(q)] = 1.0
+    return Representation(group, f"quotient{subgroup}", M)
+
+
+def direct_sum(*reps: Representation, name: str | None = None) -> Representation:
+    """``rho_1 (+) rho_2 (+) ...``: block-diagonal matrices, field axis concatenated in order."""
+    if not reps:
+        raise ValueError("direct_sum needs at least one representation")
+    G = reps[0].group
+    if any(r.group != G for r in reps):
+        raise ValueError(f"direct_sum: all representations must belong to one group, got "
+                         f"{[r.group.name for r in reps]}")
+    M = torch.stack([torch.block_diag(*[r.matrices[i] for r in reps]) for i in range(G.order)])
+    return Representation(G, name or "+".join(r.name for r in reps), M)
+
+
+def tensor_rep(a: Representation, b: Representation, *, name: str | None = None) -> Representation:
+    """``a (x) b``: ``kron(a(g), b(g))``; index ``(i, j) -> i * dim(b) + j``."""
+    if a.group != b.group:
+        raise ValueError(f"tensor_rep: {a!r} and {b!r} belong to different groups")
+    M = torch.stack([torch.kron(a.matrices[i], b.matrices[i]) for i in range(a.group.order)])
+    nm = name or f"({a.name})x({b.name})"
+    return _ProductRepresentation(a.group, nm, M, f"tensor[{rep_key(a)}|{rep_key(b)}]")
+
+
+def contragredient(rep: Representation) -> Representation:
+    """The dual ``rho*(g) = rho(g^-1)^T`` (equal to ``rho`` for orthogonal, e.g. permutation, reps)."""
+    G = rep.group
+    inv = torch.tensor([G.index(G.inverse(g)) for g in G.elements])
+    return _ProductRepresentation(G, f"({rep.name})*", rep.matrices[inv].transpose(-1, -2).contiguous(),
+                                  f"dual[{rep_key(rep)}]")
+
+
+_REP_CACHE: dict = {}
+
+
+def _cached_rep(key, build):
+    if key not in _REP_CACHE:
+        _REP_CACHE[key] = build()
+    return _REP_CACHE[key]
+
+
+def pdo_rep(group: Group, max_order: int = MAX_ORDER) -> Representation:
+    """How the derivatives ``U = (d^a f)``, ``|a| <= max_order`` (kit component order, 15-dim for
+    order 4) of a rotated scalar function transform: ``U_{g.f}(x) = D(g) U_f(A_g^-1 x)``.
+    Block-diagonal by order; ``D(g) = T(A_g^T)`` with :func:`kit.layers.pdo.substitution_matrix`."""
+    _check_group(group)
+
+    def build():
+        M = torch.stack([substitution_matrix(group.matrix(g).T, max_order) for g in group.elements])
+        M = torch.where(M.abs() < 1e-14, torch.zeros_like(M), M)        # exact zeros on 90-degree elements
+        return Representation(group, f"derivatives<={max_order}", M)
+    return _cached_rep(("pdo", group, max_order), build)
+
+
+def derivative_rep(group: Group, order: int) -> Representation:
+    """The order-k block of :func:`pdo_rep`: ``(dx^k, dx^(k-1) dy, ..., dy^k)``, dimension k+1."""
+    if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
+        raise ValueError(f"derivative order must be an int in 0..{MAX_ORDER}, got {order!r}")
+
+    def build():
+        full = pdo_rep(group, MAX_ORDER).matrices
+        s = component_index(order, 0)
+        return Representation(group, f"derivatives{order}", full[:, s:s + order + 1, s:s + order + 1].clone())
+    return _cached_rep(("der", group, order), build)
+
+
+def coefficient_rep(group: Group, max_order: int = MAX_ORDER) -> Representation:
+    """How PDO coefficients transform: ``D^-T``, the contragredient of :func:`pdo_rep`. Coefficients
+    ``c' = D(g)^-T c`` applied to the transformed derivatives ``U' = D(g) U`` give the same value,
+    ``c' . U' = c . U``: the operator moves with the field."""
+    return _cached_rep(("coef", group, max_order), lambda: contragredient(pdo_rep(group, max_order)))
+
+
+def field_rep(group: Group, kind: str = "regular") -> Representation:
+    """The field types of the paper: ``"regular"`` (C_n or D_n) or ``"quotient"`` = regular (+)
+    quotient_4 of C_n (16 + 4 = 20 dimensions for C16; the public code's Q model)."""
+    _check_group(group)
+    if kind == "regular":
+        return _cached_rep(("regular", group), lambda: regular_rep(group))
+    if kind == "quotient":
+        if group.flip or group.n % 4:
+            raise ValueError(f"the quotient field type needs C_n with 4 | n, got {group.name}")
+        return _cached_rep(("quotient", group), lambda: direct_sum(regular_rep(group), quotient_rep(group, 4),
+                                                                   name="regular+quotient4"))
+    raise ValueError(f"unknown field kind {kind!r}; expected 'regular' or 'quotient'")
+
+
+# ===================================================================================== the solver
+def _generators(G: Group) -> list[int]:
+    gens = [G.index(G.element(1))]
+    if G.flip:
+        gens.append(G.index(G.element(0, 1)))
+    return gens
+
+
+def _null_space(A: torch.Tensor, tol: float = TOL) -> torch.Tensor:
+    """Orthonormal basis (columns) of the null space of ``A`` (float64), relative tolerance ``tol``."""
+    n = A.shape[1]
+    if A.shape[0] == 0:
+        return torch.eye(n, dtype=torch.float64)
+    _, s, Vh = torch.linalg.svd(A, full_matrices=True)
+    smax = s.max().item() if s.numel() else 0.0
+    rank = int((s > tol * max(smax, 1.0)).sum())
+    return Vh[rank:].T.contiguous()
+
+
+def _orbit_solve(perm_in: torch.Tensor, M_out: torch.Tensor, tol: float) -> torch.Tensor:
+    """``Hom(rho_in, rho_out)`` for a permutation ``rho_in`` given by gather indices
+    ``perm_in (|G|, d_in)``: orbit by orbit, ``W e_(g.i0) = rho_out(g) w``, ``w`` fixed by Stab(i0)."""
+    nG, d_in = perm_in.shape
+    d_out = M_out.shape[-1]
+    act = torch.empty_like(perm_in)                  # rho_in(g) e_i = e_(act[g, i])
+    act.scatter_(1, perm_in, torch.arange(d_in).expand(nG, d_in).contiguous())
+    seen = torch.zeros(d_in, dtype=torch.bool)
+    blocks = []
+    eye = torch.eye(d_out, dtype=torch.float64)
+    for i0 in range(d_in):
+        if seen[i0]:
+            continue
+        targets = act[:, i0]                                           # (|G|,) where g sends i0
+        orbit = torch.unique(targets)
+        seen[orbit] = True
+        first = torch.tensor([int((targets == i).nonzero()[0]) for i in orbit])   # g_i with g_i . i0 = i
+        stab = (targets == i0).nonzero().flatten()
+        if len(stab) == 1:                                              # free orbit: all of rho_out
+            cols = M_out[first]                                         # (|orbit|, d_out, d_out)
+        else:
+            Fx = _null_space((M_out[stab] - eye).reshape(-1, d_out), tol)        # (d_out, nF)
+            if Fx.shape[1] == 0:
+                continue
+            cols = M_out[first] @ Fx                                    # (|orbit|, d_out, nF)
+        B = torch.zeros(cols.shape[2], d_out, d_in, dtype=torch.float64)
+        B[:, :, orbit] = cols.permute(2, 1, 0)
+        blocks.append(B)
+    if not blocks:
+        return torch.zeros(0, d_out, d_in, dtype=torch.float64)
+    return torch.cat(blocks)
+
+
+def solve_dense(rho_in: Representation, rho_out: Representation, tol: float = TOL) -> torch.Tensor:
+    """The plain solver: null space of the stacked constraint ``W rho_in(g) - rho_out(g) W = 0``
+    over the generators (SVD, float64). ``(n, d_out, d_in)``, Frobenius-orthonormal. Memory and time
+    grow like ``(d_in d_out)^2`` / ``^3``: for small representations (tests, cross-checks)."""
+    G = rho_in.group
+    di, do = rho_in.dim, rho_out.dim
+    Ii, Io = torch.eye(di, dtype=torch.float64), torch.eye(do, dtype=torch.float64)
+    # row-major vec(W): vec(W A) = kron(I, A^T) vec(W), vec(A W) = kron(A, I) vec(W)
+    A = torch.cat([torch.kron(Io, rho_in.matrices[g].T.contiguous()) - torch.kron(rho_out.matrices[g], Ii)
+                   for g in _generators(G)])
+    N = _null_space(A, tol)                                             # (do*di, n)
+    return N.T.reshape(-1, do, di).contiguous()
+
+
+def _gram_recombination(gram: torch.Tensor) -> torch.Tensor:
+    """``T (n, n)`` with ``T B`` orthonormal for a basis ``B`` of Gram matrix ``gram = B B^T``:
+    ``T = R^-T`` with ``R`` the Cholesky factor (the ``R`` of a QR of ``B^T``)."""
+    L = torch.linalg.cholesky(gram)                                     # gram = L L^T, R = L^T
+    return torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)
+
+
+def _orthonormalise(B: torch.Tensor) -> torch.Tensor:
+    if B.shape[0] == 0:
+        return B
+    flat = B.reshape(B.shape[0], -1)
+    return (_gram_recombination(flat @ flat.T) @ flat).reshape(B.shape).contiguous()
+
+
+def _solve(rho_in: Representation, rho_out: Representation, tol: float, orthonormal: bool = True) -> torch.Tensor:
+    if rho_in.perm is not None:
+        B = _orbit_solve(rho_in.perm, rho_out.matrices, tol)
+    elif rho_out.perm is not None:                  # W^T in Hom(rho_out*, rho_in*), rho_out* = rho_out
+        B = _orbit_solve(rho_out.perm, contragredient(rho_in).matrices, tol).transpose(1, 2)
+    else:
+        return solve_dense(rho_in, rho_out, tol)
+    return _orthonormalise(B) if orthonormal else B.contiguous()
+
+
+_MEM: dict = {}
+#: opt-in (env ``KIT_EPDO_DISK_CACHE=1``): every basis of the paper's models solves in < 2 s cold, and
+#: the D16 generator basis alone is 59 MB on disk, so the in-process cache is the default.
+DISK_CACHE = os.environ.get("KIT_EPDO_DISK_CACHE", "0").lower() in ("1", "on", "true", "yes")
+
+
+def cache_dir() -> Path:
+    """``$KIT_CACHE_DIR/epdo`` if set, else ``<repo>/.kit_cache/epdo`` (ignored by git)."""
+    root = os.environ.get("KIT_CACHE_DIR")
+    base = Path(root) if root else Path(__file__).resolve().parents[2] / ".kit_cache"
+    return base / "epdo"
+
+
+def clear_cache(*, disk: bool = False) -> None:
+    """Empty the in-process caches (and the on-disk one when ``disk``)."""
+    _MEM.clear()
+    _LAYER_BASES.clear()
+    if disk and cache_dir().is_dir():
+        for p in cache_dir().glob("*.pt"):
+            p.unlink(missing_ok=True)
+
+
+def _disk_load(path: Path, shape_tail):
+    try:
+        B = torch.load(path, weights_only=True)
+        if isinstance(B, torch.Tensor) and B.dtype == torch.float64 \
+                and tuple(B.shape[1:]) == tuple(shape_tail):
+            return B
+    except Exception:                                # corrupt / foreign file: recompute
+        pass
+    return None
+
+
+def _disk_save(path: Path, B: torch.Tensor) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(B, fh)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)                        # atomic: readers see the old file or the new one
+    except OSError:                                  # read-only checkout: the cache is optional
+        try:
+            os.unlink(tmp)
+        except (OSError, UnboundLocalError):
+            pass
+
+
+def _cached(key: str, build, shape_tail, disk: bool | None):
+    """In-process cache, then the on-disk one (atomic writes), then ``build()``."""
+    B = _MEM.get(key)
+    if B is not None:
+        return B
+    use_disk = DISK_CACHE if disk is None else disk
+    path = cache_dir() / (hashlib.sha1(key.encode()).hexdigest() + ".pt")
+    if use_disk and path.is_file():
+        B = _disk_load(path, shape_tail)
+    if B is None:
+        B = build()
+        if use_disk:
+            _disk_save(path, B)
+    _MEM[key] = B
+    return B
+
+
+def intertwiner_basis(rho_in: Representation, rho_out: Representation, *, disk: bool | None = None,
+                      tol: float = TOL, orthonormal: bool = True) -> torch.Tensor:
+    """Float64 basis ``(n, d_out, d_in)`` of ``{W : rho_out(g) W = W rho_in(g) for all g}``,
+    orthonormal in the Frobenius inner product (unless ``orthonormal=False``: then the raw orbit
+    basis). Cached per (group, rho_in, rho_out): in process, and on disk (``disk=None``: the module
+    setting :data:`DISK_CACHE`, env ``KIT_EPDO_DISK_CACHE``; directory :func:`cache_dir`).
+    Returns a tensor shared with the cache: do not modify it in place."""
+    for r in (rho_in, rho_out):
+        if not isinstance(r, Representation):
+            raise ValueError(f"expected kit.groups.Representation objects, got {r!r}")
+    if rho_in.group != rho_out.group:
+        raise ValueError(f"{rho_in!r} and {rho_out!r} belong to different groups")
+    key = f"{_VERSION}|hom|{tol:g}|{int(orthonormal)}|{rep_key(rho_in)}|{rep_key(rho_out)}"
+    return _cached(key, lambda: _solve(rho_in, rho_out, tol, orthonormal), (rho_out.dim, rho_in.dim), disk)
+
+
+def hom_dimension(rho_in: Representation, rho_out: Representation) -> int:
+    """``dim Hom_G(rho_in, rho_out)`` from the characters, ``(1/|G|) sum_g chi_in(g^-1) chi_out(g)``
+    (an independent check of the solver)."""
+    G = rho_in.group
+    inv = [G.index(G.inverse(g)) for g in G.elements]
+    chi_in = torch.diagonal(rho_in.matrices, dim1=-2, dim2=-1).sum(-1)[inv]
+    chi_out = torch.diagonal(rho_out.matrices, dim1=-2, dim2=-1).sum(-1)
+    return int(round(float((chi_in * chi_out).sum()) / G.order))
+
+
+# ===================================================================================== stencils
+def pdo_stencil_matrix(method: str = "fd", stencil_kw: dict | None = None,
+                       stencils: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
+    """``S (15, 25)`` float64, row ``a`` = the flattened 5x5 stencil of ``d^a`` (kit component
+    order, one sign convention; :func:`kit.layers.stencils.stencil_bank`), and a cache key.
+    ``stencils (15, 5, 5)`` overrides the bank (e.g. to show that a mirrored bank is caught)."""
+    if stencils is not None:
+        S = torch.as_tensor(stencils, dtype=torch.float64)
+        if tuple(S.shape) != (N_OPS, KERNEL_SIZE, KERNEL_SIZE):
+            raise ValueError(f"stencils must have shape (15, 5, 5), got {tuple(S.shape)}")
+        S = S.reshape(N_OPS, -1).contiguous()
+        return S, "custom:" + hashlib.sha1(S.numpy().tobytes()).hexdigest()[:16]
+    if method not in METHODS:
+        raise ValueError(f"unknown discretisation method {method!r}; expected one of {METHODS}")
+    kw = dict(stencil_kw or {})
+    S = stencil_bank(MAX_ORDER, method, KERNEL_SIZE, **kw).reshape(N_OPS, -1)
+    return S, f"{method}:{sorted(kw.items())}"
+
+
+_LAYER_BASES: dict = {}
+
+
+def _layer_basis(key, build):
+    if key not in _LAYER_BASES:
+        _LAYER_BASES[key] = build()
+    return _LAYER_BASES[key]
+
+
+def _order_slices():
+    return [(k, component_index(k, 0), component_index(k, 0) + k + 1) for k in range(MAX_ORDER + 1)]
+
+
+def pdo_conv_basis(rho_in: Representation, rho_out: Representation, S: torch.Tensor, skey: str) -> torch.Tensor:
+    """Kernel basis ``(n, d_out, d_in, 25)`` float64 of the linear PDO-eConv ``rho_in -> rho_out``:
+    per order k, ``Hom(D_k (x) rho_in, rho_out)`` contracted with the order-k stencils; each basis
+    kernel at unit Frobenius norm."""
+    def build():
+        G = rho_in.group
+        out = []
+        for k, a, b in _order_slices():
+            Dk = derivative_rep(G, k)
+            W = intertwiner_basis(tensor_rep(Dk, rho_in), rho_out)                    # (n, do, (k+1) di)
+            W = W.reshape(W.shape[0], rho_out.dim, k + 1, rho_in.dim)
+            K = torch.einsum("noai,au->noiu", W, S[a:b])                               # (n, do, di, 25)
+            nrm = K.flatten(1).norm(dim=1)
+            K = K[nrm > 1e-12] / nrm[nrm > 1e-12, None, None, None]
+            out.append(K)
+        return torch.cat(out)
+    return _layer_basis(("pdo", rep_key(rho_in), rep_key(rho_out), skey), build)
+
+
+def generator_basis(rho: Representation, S: torch.Tensor, skey: str, *, structured: bool = True) -> torch.Tensor:
+    """Coefficient-space basis ``(n, d, 15, |G|)`` float64 of the Neural ePDO coefficient generator
+    ``regular -> rho (x) D^-T`` (``n = 15 d``), recombined so that the *kernels* ``B S`` are
+    orthonormal (the QR orthonormalisation of the public code, done in kernel space through the
+    Gram matrix). Cached in process and on disk.
+
+    The raw solver basis is ``W_b[:, h] = (rho (x) D^-T)(h) e_b``, so for a permutation (orthogonal)
+    ``rho`` its kernel-space Gram matrix is ``I_d (x) sum_h D^-T(h)^T S S^T D^-T(h)``: the 15 x 15
+    factor is all that needs inverting (``structured=True``; the general ``n x n`` Gram matrix
+    otherwise; both tested equal)."""
+    G = rho.group
+    d = rho.dim
+
+    def build():
+        V = tensor_rep(rho, coefficient_rep(G))                                        # d * 15
+        W = intertwiner_basis(field_rep(G, "regular"), V, disk=False, orthonormal=False)  # (n, d*15, |G|)
+        n = W.shape[0]
+        W = W.reshape(n, d, N_OPS, G.order)
+        SS = S @ S.T                                                                   # (15, 15)
+        if structured and rho.perm is not None:
+            Dc = coefficient_rep(G).matrices                                           # (|G|, 15, 15)
+            T = _gram_recombination(torch.einsum("gab,ac,gcd->bd", Dc, SS, Dc))        # (15, 15)
+            W = torch.einsum("xa,caz->cxz", T, W.reshape(d, N_OPS, -1))                # b = (c, a)
+        else:
+            WS = torch.einsum("ncaq,ab->ncbq", W, SS).reshape(n, -1)
+            T = _gram_recombination(WS @ W.reshape(n, -1).T)                           # <W_n S, W_m S>
+            W = T @ W.reshape(n, -1)
+        return W.reshape(n, d, N_OPS, G.order).contiguous()
+    key = (f"{_VERSION}|gen|{int(structured)}|{rep_key(rho)}|{skey}|"
+           f"{hashlib.sha1(S.numpy().tobytes()).hexdigest()[:16]}")
+    return _cached(key, build, (d, N_OPS, G.order), None)
+
+
+# ===================================================================================== the layers
+def _positive_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    return v
+
+
+def _kaiming_std(n_basis: int, d_out: int, c_in: int) -> float:
+    """Std of the basis coefficients so that the expanded weight has the He variance ``2 / fan_in``
+    on average (basis elements of unit Frobenius norm)."""
+    return math.sqrt(2.0 * d_out / (max(n_basis, 1) * c_in))
+
+
+class EquivariantConv1x1(KernelCache, EquivariantModule):
+    """Pointwise equivariant channel mixing ``in_type -> out_type`` (any representations of one
+    group): ``weight (C_out, C_in, n)`` on the solved basis ``(n, d_out, d_in)``, no bias.
+    Parameters: ``C_in C_out dim Hom(rho_in, rho_out)``."""
+
+    def __init__(self, in_type: FieldType, out_type: FieldType):
+        super().__init__()
+        if in_type.group != out_type.group or not in_type.spatial or not out_type.spatial:
+            raise ValueError(f"EquivariantConv1x1 maps spatial fields of one group, got {in_type} -> {out_type}")
+        self.in_type, self.out_type = in_type, out_type
+        basis = intertwiner_basis(in_type.rep, out_type.rep)
+        if basis.shape[0] == 0:
+            raise ValueError(f"there is no non-zero equivariant map {in_type.rep!r} -> {out_type.rep!r}")
+        self.register_buffer("basis", basis.float(), persistent=False)          # (n, d_out, d_in)
+        self.weight = nn.Parameter(torch.randn(out_type.n_fields, in_type.n_fields, basis.shape[0])
+                                   * _kaiming_std(basis.shape[0], out_type.dim, in_type.n_fields))
+
+    def filter(self) -> torch.Tensor:
+        """``(C_out d_out, C_in d_in, 1, 1)`` (cached in eval mode)."""
+        def build():
+            O, C, _ = self.weight.shape
+            K = torch.einsum("ocn,npq->opcq", self.weight, self.basis.to(self.weight.dtype))
+            return K.reshape(O * self.out_type.dim, C * self.in_type.dim, 1, 1)
+        return self.cached_kernel(build, self.weight)
+
+    def _forward(self, x):                                               # (B, C_in, d_in, H, W)
+        y = F.conv2d(self.in_type.flatten(x), self.filter())             # (B, C_out*d_out, H, W)
+        return self.out_type.unflatten(y)                                # (B, C_out, d_out, H, W)
+
+
+class LinearPDOConv(KernelCache, EquivariantModule):
+    """The linear PDO-eConv of order 4 on 5x5 stencils (the paper's lifting layer ``conv5x5``; with
+    regular inputs the public code's ``--g -1`` baseline layer).
+
+    Args (keyword-only):
+        in_type: trivial (images) or permutation-representation fields.
+        out_fields / out_rep: output fields and their representation (default regular).
+        method / stencil_kw / stencils: discretisation (:func:`pdo_stencil_matrix`).
+        padding: default 2 ("same").
+
+    Basis per (input field, output field): ``dim Hom(D (x) rho_in, rho_out)``: 15 for trivial ->
+    regular (C16 and D16), 20 for trivial -> regular + quotient_4, 240 for C16 regular -> regular.
+    Shapes: ``(B, C_in[, d_in], H, W) -> (B, C_out, d_out, H, W)``.
+    """
+
+    def __init__(self, *, in_type: FieldType, out_fields: int, out_rep: Representation | str = "regular",
+                 method: str = "fd", stencil_kw: dict | None = None, stencils: torch.Tensor | None = None,
+                 padding: int = 2):
+        super().__init__()
+        G = in_type.group
+        _positive_int("out_fields", out_fields)
+        out_rep = field_rep(G, out_rep) if isinstance(out_rep, str) else out_rep
+        self.in_type, self.out_type = in_type, FieldType(G, out_rep, out_fields)
+        self.method = "custom" if stencils is not None else method
+        self.padding = padding
+        S, skey = pdo_stencil_matrix(method, stencil_kw, stencils)
+        basis = pdo_conv_basis(in_type.rep, out_rep, S, skey)                     # (n, do, di, 25)
+        self.register_buffer("basis", basis.float(), persistent=False)
+        self.weight = nn.Parameter(torch.randn(out_fields, in_type.n_fields, basis.shape[0])
+                                   * _kaiming_std(basis.shape[0], out_rep.dim, in_type.n_fields))
+
+    def filter(self) -> torch.Tensor:
+        """``(C_out d_out, C_in d_in, 5, 5)`` (cached in eval mode)."""
+        def build():
+            O, C, _ = self.weight.shape
+            K = torch.einsum("ocn,npqu->opcqu", self.weight, self.basis.to(self.weight.dtype))
+            return K.reshape(O * self.out_type.dim, C * self.in_type.dim, KERNEL_SIZE, KERNEL_SIZE)
+        return self.cached_kernel(build, self.weight)
+
+    def _forward(self, x):
+        y = F.conv2d(self.in_type.flatten(x), self.filter(), padding=self.padding)
+        return self.out_type.unflatten(y)                                # (B, C_out, d_out, H', W')
+
+    def extra_repr(self) -> str:
+        return f"{self.in_type} -> {self.out_type}, method={self.method!r}, bases={self.basis.shape[0]}"
+
+
+class NeuralEPDOConv(KernelCache, EquivariantModule):
+    """The Neural ePDO layer (``nlpdo``): a per-pixel PDO of order 4 whose coefficients an equivariant
+    pointwise MLP generates from the input, applied depthwise as 5x5 stencils, then an equivariant 1x1.
+
+    Args (keyword-only):
+        in_type: ``z`` fields of a permutation representation ``rho`` (regular C_n / D_n, or the
+            quotient type), dimension ``d``.
+        out_fields / out_rep: output fields and their representation (default: ``rho``).
+        g: fields per partition; the generator outputs ``g`` coefficient fields, field ``j`` of each
+            of the ``z / g`` partitions uses the ``j``-th (the public ``--g``).
+        s: groups of the generator's 1x1 conv (whole fields; ``s`` must divide ``g`` and ``m``).
+        reduction: the hidden width is ``m = (z d) // (reduction |G|)`` regular fields.
+        method / stencil_kw / stencils: discretisation (:func:`pdo_stencil_matrix`).
+        l1_eps: the ``+0.01`` of the L1 normalisation; scale: the generator's ``1/5``.
+        eps: GroupNorm epsilon.
+
+    Shapes: ``(B, z, d, H, W) -> (B, out_fields, d_out, H, W)`` ("same" 5x5, stride 1).
+    """
+
+    def __init__(self, *, in_type: FieldType, out_fields: int, out_rep: Representation | str | None = None,
+                 g: int = 4, s: int = 1, reduction: int = 1, method: str = "fd", stencil_kw: dict | None = None,
+                 stencils: torch.Tensor | None = None, l1_eps: float = 0.01, scale: float = 0.2,
+                 eps: float = 1e-5):
+        super().__init__()
+        if not isinstance(in_type, FieldType) or in_type.rep.perm is None or in_type.is_trivial \
+                or not in_type.spatial:
+            raise ValueError(f"NeuralEPDOConv needs spatial fields of a permutation representation of "
+                             f"dimension > 1 (regular, quotient), got {in_type!r}")
+        G = in_type.group
+        for name, v in (("out_fields", out_fields), ("g", g), ("s", s), ("reduction", reduction)):
+            _positive_int(name, v)
+        z, d = in_type.n_fields, in_type.dim
+        m = (z * d) // (reduction * G.order)
+        if z % g:
+            raise ValueError(f"g (fields per partition) must divide the {z} input fields, got g={g}")
+        if m < 1:
+            raise ValueError(f"reduction={reduction} leaves no hidden field (m = z d // (r |G|) = {m})")
+        if g % s or m % s:
+            raise ValueError(f"s (generator groups) must divide g={g} and the hidden width m={m}, got s={s}")
+        if out_rep is None:
+            out_rep = in_type.rep
+        elif isinstance(out_rep, str):
+            out_rep = field_rep(G, out_rep)
+        self.in_type, self.out_type = in_type, FieldType(G, out_rep, out_fields)
+        self.g, self.s, self.reduction, self.hidden = g, s, reduction, m
+        self.method = "custom" if stencils is not None else method
+        self.l1_eps, self.scale = l1_eps, scale
+
+        hidden = FieldType(G, "regular", m)
+        self.reduce = EquivariantConv1x1(in_type, hidden)                       # conv1: z*m*d
+        self.norm = FieldGroupNorm(hidden, affine="per_field", eps=eps)         # 2m
+        self.norm_scale = nn.Parameter(torch.ones(m))                           # the public code's extra
+        self.norm_shift = nn.Parameter(torch.zeros(m))                          # per-field affine: 2m
+        S, skey = pdo_stencil_matrix(method, stencil_kw, stencils)
+        B = generator_basis(in_type.rep, S, skey)                               # (n, d, 15, |G|)
+        self.register_buffer("gen_basis", B.float(), persistent=False)
+        self.register_buffer("stencils", S.float(), persistent=False)           # (15, 25)
+        n = B.shape[0]
+        # conv2: g output fields, m/s hidden fields per group, n basis coefficients: (m/s) g n
+        self.gen_weight = nn.Parameter(torch.randn(g, m // s, n) * _kaiming_std(n, d * N_OPS, m // s))
+        self.expand = EquivariantConv1x1(in_type, self.out_type)               # conv3: z z_out dim Hom
+
+    # ------------------------------------------------------------------------- generator
+    def generator_weight(self, *, kernels: bool = False) -> torch.Tensor:
+        """The generator's 1x1 conv weight ``(g d 15, (m/s) |G|, 1, 1)``: PDO coefficients ``c_a`` (kit
+        component order; cached in eval mode), or with ``kernels=True`` the same map with the stencils
+        folded in, ``(g d 25, (m/s) |G|, 1, 1)`` (the public code's form; tests and figures)."""
+        def build(kern):
+            Wc = torch.einsum("jin,ncaq->jcaiq", self.gen_weight, self.gen_basis.to(self.gen_weight.dtype))
+            if kern:                                                            # (g, d, 15, m/s, |G|)
+                Wc = torch.einsum("jcaiq,au->jcuiq", Wc, self.stencils.to(Wc.dtype))   # (g, d, 25, m/s, |G|)
+            g, d, A, i, q = Wc.shape
+            return Wc.reshape(g * d * A, i * q, 1, 1) * self.scale
+        if kernels:
+            return build(True)
+        return self.cached_kernel(lambda: build(False), self.gen_weight)
+
+    def hidden_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``h = ReLU(norm(conv1x1(x)))``: ``(B, m, |G|, H, W)``."""
+        h = self.norm(self.reduce(x))                                           # (B, m, |G|, H, W)
+        h = h * self.norm_scale[:, None, None, None] + self.norm_shift[:, None, None, None]
+        return F.relu(h)
+
+    def generate(self, x: torch.Tensor, *, coefficients: bool = False) -> torch.Tensor:
+        """The L1-normalised per-pixel stencils ``(B, g, d, 25, H, W)``; with ``coefficients=True``
+        also the PDO coefficients ``(B, g, d, 15, H, W)`` of the same normalised operators.
+
+        The generator outputs the 15 coefficients per component (cheaper than 25 taps: the 1x1
+        generator conv dominates the cost of the layer); the stencils ``K = c S`` follow per pixel."""
+        self.in_type.check(x, f"{type(self).__name__}.generate input")
+        h = self.hidden_features(x).flatten(1, 2)                              # (B, m*|G|, H, W)
+        Bn, _, H, W = h.shape
+        g, d = self.g, self.in_type.dim
+        c = F.conv2d(h, self.generator_weight(), groups=self.s)                # (B, g*d*15, H, W)
+        c = c.view(Bn, g, d, N_OPS, H * W)
+        k = torch.matmul(self.stencils.T.to(c.dtype), c)                       # (B, g, d, 25, H*W)
+        norm = k.abs().sum(dim=(2, 3), keepdim=True) + self.l1_eps             # (B, g, 1, 1, H*W)
+        k = (k / norm).view(Bn, g, d, KERNEL_SIZE ** 2, H, W)                  # (B, g, d, 25, H, W)
+        if not coefficients:
+            return k
+        return k, (c / norm).view(Bn, g, d, N_OPS, H, W)                        # (B, g, d, 15, H, W)
+
+    def apply_stencils(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Dynamic depthwise filtering: field ``p g + j`` of ``x (B, z, d, H, W)`` with ``k[:, j]``."""
+        Bn, z, d, H, W = x.shape
+        g = self.g
+        v = x.view(Bn, z // g, g, d, H, W).transpose(1, 2).reshape(Bn, z, d, H, W)   # j-major: slices
+        y = dynamic_aggregate(v, k)                                              # (B, z, d, H, W)
+        return y.view(Bn, g, z // g, d, H, W).transpose(1, 2).reshape(Bn, z, d, H, W)
+
+    def _forward(self, x):                                                       # (B, z, d, H, W)
+        k = self.generate(x)                                                     # (B, g, d, 25, H, W)
+        return self.expand(self.apply_stencils(x, k))                            # (B, z_out, d_out, H, W)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_type} -> {self.out_type}, g={self.g}, s={self.s}, reduction={self.reduction} "
+                f"(hidden={self.hidden}), method={self.method!r}, generator bases={self.gen_basis.shape[0]}")
+
+
+# ========================================================================= 22.5-degree measurement
+def _blob_maps(n_maps: int, size: int, A_inv: torch.Tensor, *, seed: int, n_blobs: int, sigma: tuple,
+               radius: float) -> torch.Tensor:
+    """``(n_maps, size, size)`` float64: each map a sum of ``n_blobs`` Gaussian blobs (random centres
+    within ``radius`` px of the image centre, widths in ``sigma``, amplitudes N(0, 1)), evaluated at
+    ``A_inv p`` (p = pixel centres, x right, y up): the analytic rotation of the maps."""
+    gen = torch.Generator().manual_seed(seed)
+    c = (torch.rand(n_maps, n_blobs, 2, generator=gen, dtype=torch.float64) * 2 - 1) * radius
+    s = sigma[0] + (sigma[1] - sigma[0]) * torch.rand(n_maps, n_blobs, generator=gen, dtype=torch.float64)
+    a = torch.randn(n_maps, n_blobs, generator=gen, dtype=torch.float64)
+    t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    Y, X = torch.meshgrid(-t, t, indexing="ij")                             # row 0 at the top: y up
+    P = torch.stack([X, Y], -1) @ A_inv.T                                   # (size, size, 2): A^-1 p
+    d2 = ((P[None, None] - c[:, :, None, None]) ** 2).sum(-1)               # (n, blobs, size, size)
+    return (a[..., None, None] * torch.exp(-d2 / (2 * s[..., None, None] ** 2))).sum(1)
+
+
+def centre_equivariance_error(module: EquivariantModule, element, *, batch: int = 4, size: int = 21,
+                              seed: int = 0, n_blobs: int = 3, sigma=(1.5, 3.0), radius: float = 4.0,
+                              direction: int = 1) -> float:
+    """Relative equivariance error of ``module`` at a group element (e.g. 22.5 degrees), measured at
+    the rotation centre with analytically rotated smooth inputs: no image interpolation at all.
+
+    The input is a field of Gaussian blobs (:func:`_blob_maps`); ``g.x`` is sampled exactly, field
+    axis included. At the centre pixel ``p = 0`` (``A^-1 0 = 0``) the output must satisfy
+    ``f(g.x)(0) = rho_out(g) f(x)(0)``; the error is ``||f(g.x)(0) - rho_out(g^direction) f(x)(0)|| /
+    ||f(x)(0)||`` over the batch and every output channel. ``direction=-1`` compares with the
+    *opposite* rotation direction (what a mirrored discretisation would satisfy). The module runs in
+    float64, eval mode, without gradients (its dtype and mode are restored)."""
+    in_type, out_type = module.in_type, module.out_type
+    G = in_type.group
+    g = element
+    A_inv = G.matrix(G.inverse(g))
+    maps = lambda A: _blob_maps(batch * in_type.channels, size, A, seed=seed, n_blobs=n_blobs, sigma=sigma,
+                                radius=radius)
+    x = maps(torch.eye(2, dtype=torch.float64))
+    xr = maps(A_inv)
+    if in_type.is_trivial:
+        x, xr = x.reshape(batch, in_type.n_fields, size, size), xr.reshape(batch, in_type.n_fields, size, size)
+    else:
+        shape = (batch, in_type.n_fields, in_type.dim, size, size)
+        x, xr = x.reshape(shape), xr.reshape(shape)
+        # (g.x)[c, j](p) = sum_k rho(g)[j, k] x[c, k](A^-1 p)
+        xr = torch.einsum("jk,bck...->bcj...", in_type.rep(g), xr)
+    was = module.training
+    dtypes = {p.dtype for p in module.parameters()} | {b.dtype for b in module.buffers() if b.is_floating_point()}
+    module.double().eval()
+    try:
+        with torch.no_grad():
+            y = module(x)[..., size // 2, size // 2]                       # (B, C[, D]) at the centre
+            yr = module(xr)[..., size // 2, size // 2]
+    finally:
+        if dtypes == {torch.float32}:
+            module.float()
+        module.train(was)
+    h = g if direction == 1 else G.inverse(g)
+    if not out_type.is_trivial:
+        y = torch.einsum("jk,bck->bcj", out_type.rep(h), y)
+    return float((yr - y).norm() / y.norm())
