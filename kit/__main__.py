@@ -1,6 +1,9 @@
 """Command line: ``python -m kit <command>``.
 
-    reproduce   execute every notebook (quick profile) into runs/notebooks/, figures into figures/
+    reproduce   execute every notebook (quick profile) into runs/notebooks/, figures into figures/,
+                then the quick sweep (sweeps/quick.yaml) and its report
+    sweep       run a sweep spec: python -m kit sweep sweeps/quick.yaml [--jobs N] [--executor slurm]
+    report      gather a sweep into markdown + CSV + a figure: python -m kit report quick
 """
 from __future__ import annotations
 
@@ -23,15 +26,75 @@ def _reproduce(args) -> int:
             failed.append((p.name, e))
             print(f"  {p.name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     print(f"done in {time.time() - t:.0f} s; {len(paths) - len(failed)} ok, {len(failed)} failed")
-    return 1 if failed else 0
+    ok = not failed
+    if args.sweep:
+        from .runs import report, run_sweep
+        spec = REPO / args.sweep
+        res = run_sweep(spec, jobs=args.jobs)
+        try:
+            report(res["sweep"], figure_path=REPO / "figures" / f"sweep_{res['sweep']}.png")
+        except Exception as e:
+            print(f"  report FAILED ({type(e).__name__}: {e})")
+            ok = False
+        ok = ok and res["ok"]
+    print(f"eqkit reproduce finished in {time.time() - t:.0f} s" + ("" if ok else " (with failures)"))
+    return 0 if ok else 1
+
+
+def _sweep(args) -> int:
+    from .runs import report, run_sweep
+
+    slurm = {}
+    for item in args.slurm:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--slurm expects KEY=VALUE, got {item!r}")
+        slurm[k] = int(v) if v.isdigit() else v
+    res = run_sweep(args.spec, jobs=args.jobs, executor=args.executor, only=args.only, slurm=slurm,
+                    threads=args.threads, dry_run=args.dry_run, runs_dir=args.runs_dir)
+    if args.report and not args.dry_run:
+        report(res["sweep"], runs_dir=args.runs_dir)
+    return 0 if res["ok"] else 1
+
+
+def _report(args) -> int:
+    from .runs import report
+
+    res = report(args.sweep, runs_dir=args.runs_dir, out_dir=args.out)
+    print(res["markdown"].read_text())
+    return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kit", description="eqkit command line")
     sub = parser.add_subparsers(dest="command", required=True)
-    rp = sub.add_parser("reproduce", help="execute every notebook with its quick parameters")
+    rp = sub.add_parser("reproduce", help="execute every notebook with its quick parameters, then the quick sweep")
     rp.add_argument("--notebooks", default="*.ipynb", help="glob of notebooks to run (default: all)")
+    rp.add_argument("--sweep", default="sweeps/quick.yaml",
+                    help="sweep spec run after the notebooks, relative to the repository (default: sweeps/quick.yaml); "
+                         "'' to skip")
+    rp.add_argument("--jobs", type=int, default=2, help="parallel runs of the sweep (default 2)")
     rp.set_defaults(func=_reproduce)
+
+    sp = sub.add_parser("sweep", help="run a sweep spec (YAML): every run = notebooks/train.ipynb via papermill")
+    sp.add_argument("spec", help="path of the sweep spec, e.g. sweeps/quick.yaml")
+    sp.add_argument("--jobs", type=int, default=1, help="parallel local runs (process pool)")
+    sp.add_argument("--executor", default="local", choices=["local", "slurm", "submitit-local"],
+                    help="local process pool, or submitit (slurm cluster / submitit's local executor)")
+    sp.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                    help="submitit/slurm option, e.g. --slurm partition=gpu --slurm gpus_per_node=1")
+    sp.add_argument("--only", default=None, help="glob of run names to run")
+    sp.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
+    sp.add_argument("--runs-dir", default=None, help="root folder of sweeps (default: runs/)")
+    sp.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
+    sp.add_argument("--report", action="store_true", help="write the report afterwards")
+    sp.set_defaults(func=_sweep)
+
+    rr = sub.add_parser("report", help="gather a sweep into report.md, report.csv and report.png")
+    rr.add_argument("sweep", help="sweep name (folder under runs/), sweep folder, or spec path")
+    rr.add_argument("--runs-dir", default=None)
+    rr.add_argument("--out", default=None, help="output folder (default: the sweep folder)")
+    rr.set_defaults(func=_report)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -10,9 +10,22 @@ Sections
    [0, 360) degrees) applied to raw MNIST offline. Data built this way is *rebuilt* MNIST-rot, not
    the official archive of Larochelle et al. (2007); label it so wherever its numbers are shown.
 
-Further sections (the official MNIST-rot archive, CIFAR-10/100, synthetic test data) belong below.
+5. **Downloads** -- :func:`sha1sum`, :func:`download`: atomic (temporary file in the target folder,
+   then ``os.replace``), checksum-verified; a corrupt or truncated file is deleted, never kept.
+6. **MNIST-rot, official** -- :func:`load_mnist_rot`: the archive of Larochelle et al. (2007), SHA1
+   verified, its ``.amat`` text parsed once into a cached ``.npz``.
+7. **MNIST-rot, rebuilt** -- :func:`mnist_rot_rebuilt`: 62,000 digits drawn from raw MNIST with a
+   fixed seed, 12k (10k train + 2k validation) / 50k test, the same protocol, offline.
+8. **CIFAR-10 / CIFAR-100** -- :func:`load_cifar` through torchvision, with a stratified
+   ``fraction`` (the E4 paper's "1/5 of CIFAR-10").
+9. **Synthetic data for tests** -- :func:`synthetic`.
+10. **One entry point** -- :func:`load_dataset` (names in :data:`DATASETS`) returning a
+    :class:`DataBundle` of in-memory :class:`TensorData` splits and an ``info`` dict whose
+    ``label`` says "rebuilt" for rebuilt data.
+
 Rotation conventions (counter-clockwise positive, about the image centre, row 0 at the top) come
-from :mod:`kit.groups`; nothing here re-decides them. Nothing in this module touches the network.
+from :mod:`kit.groups`; nothing here re-decides them. Only :func:`download` touches the network, and
+only when a file is missing and downloading is allowed (``download=True``; ``KIT_OFFLINE=1`` forbids it).
 """
 from __future__ import annotations
 
@@ -21,6 +34,11 @@ import gzip
 import hashlib
 import math
 import os
+import shutil
+import tempfile
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +48,10 @@ import torch.nn.functional as F
 __all__ = [
     "MNIST_FILES", "MNIST_SPLITS", "mnist_root", "md5sum", "verify_file", "read_idx",
     "load_mnist_raw", "rotate_digits", "rotated_mnist",
+    "DataNotFoundError", "data_dirs", "cache_dir", "sha1sum", "download",
+    "MNIST_ROT_URL", "MNIST_ROT_SHA1", "MNIST_ROT_FILE", "parse_amat", "mnist_rot_archive", "load_mnist_rot",
+    "REBUILT_SEED", "mnist_rot_rebuilt", "CIFAR_NORMALISATION", "load_cifar", "stratified_indices",
+    "synthetic", "TensorData", "DataBundle", "DATASETS", "load_dataset",
 ]
 
 # =============================================================================================
@@ -294,3 +316,541 @@ def rotated_mnist(n: int, seed: int, split: str = "train", root: str | os.PathLi
         "angles_deg": angles,
         "source_index": idx,
     }
+
+
+# =============================================================================================
+# 5. Downloads: atomic and checksum-verified
+# =============================================================================================
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset file is missing and could not be downloaded; the message names the file and the
+    folder to put it in."""
+
+
+def data_dirs(root: str | os.PathLike | None = None) -> list[Path]:
+    """Folders searched for dataset files, in order: ``root`` if given (only it), else ``$KIT_DATA``,
+    ``<repo>/data``, ``<repo>/../shared/data`` and ``./../shared/data``."""
+    if root is not None:
+        return [Path(root).expanduser()]
+    out = []
+    if os.environ.get("KIT_DATA"):
+        out.append(Path(os.environ["KIT_DATA"]).expanduser())
+    out += [_REPO_ROOT / "data", _REPO_ROOT / ".." / "shared" / "data", Path.cwd() / ".." / "shared" / "data"]
+    seen, res = set(), []
+    for d in out:
+        r = d.resolve()
+        if r not in seen:
+            seen.add(r)
+            res.append(r)
+    return res
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK)
+
+
+def cache_dir(root: str | os.PathLike | None = None) -> Path:
+    """Where downloads and parsed caches go: ``root``, else ``$KIT_DATA``, else ``<repo>/data``
+    (the first of them that is writable; ``<repo>/.kit_cache`` as a last resort)."""
+    cands = [Path(root).expanduser()] if root is not None else []
+    if root is None and os.environ.get("KIT_DATA"):
+        cands.append(Path(os.environ["KIT_DATA"]).expanduser())
+    cands += [_REPO_ROOT / "data", _REPO_ROOT / ".kit_cache"]
+    for c in cands:
+        if _writable(c):
+            return c.resolve()
+    raise PermissionError(f"no writable data folder among {[str(c) for c in cands]}")
+
+
+def sha1sum(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA1 digest of a file, read in chunks."""
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_size), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fetch(url: str, fh, timeout: float = 60.0) -> None:
+    """Copy the resource at ``url`` (http(s) or file://) into the open binary file ``fh``."""
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        shutil.copyfileobj(resp, fh, length=1 << 20)
+
+
+def download(url: str, dest: str | os.PathLike, sha1: str | None = None, *, md5: str | None = None,
+             fetch=None) -> Path:
+    """Download ``url`` to ``dest`` atomically and verify its SHA1 (or MD5).
+
+    The bytes go to a temporary file in ``dest``'s folder; only a file whose SHA1 matches is moved
+    into place with ``os.replace``. On a mismatch (corrupt or truncated transfer) or any error the
+    temporary file is deleted, nothing is left at ``dest``, and ``ValueError`` (checksum) or the
+    original error is raised. ``fetch(url, fh)`` replaces the network call (tests).
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            (fetch or _fetch)(url, fh)
+        kind, expected = ("sha1", sha1) if sha1 else ("md5", md5)
+        if not expected:
+            raise ValueError("download() needs a sha1 or md5 checksum")
+        actual = sha1sum(tmp) if kind == "sha1" else md5sum(tmp)
+        if actual.lower() != expected.lower():
+            raise ValueError(f"checksum mismatch for {dest.name} downloaded from {url}: expected {kind} "
+                             f"{expected.lower()}, got {actual} ({os.path.getsize(tmp)} bytes; corrupt or "
+                             f"truncated download). Nothing was kept; try again.")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def _atomic_savez(path: Path, **arrays) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _offline() -> bool:
+    return os.environ.get("KIT_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
+
+
+# =============================================================================================
+# 6. MNIST-rot, official archive (Larochelle et al. 2007)
+# =============================================================================================
+
+MNIST_ROT_FILE = "mnist_rotation_new.zip"
+MNIST_ROT_URL = "http://www.iro.umontreal.ca/~lisa/icml2007data/mnist_rotation_new.zip"
+MNIST_ROT_SHA1 = "e67f72fa42029f62fd8eb92b0638c1b9761c9a63"
+#: archive member -> rows: the 10k train + 2k validation rows, and the 50k test rows.
+MNIST_ROT_MEMBERS = {"train_valid": ("mnist_all_rotation_normalized_float_train_valid.amat", 12000),
+                     "test": ("mnist_all_rotation_normalized_float_test.amat", 50000)}
+MNIST_ROT_TRAIN = 10000   # first rows of train_valid are the training set, the last 2000 validation
+_MNIST_ROT_CACHE = "mnist_rot_official.npz"
+
+
+def parse_amat(fh, rows: int | None = None, name: str = "amat") -> tuple[np.ndarray, np.ndarray]:
+    """Parse ``.amat`` text (one row per digit: 784 floats in [0, 1], then the label) from an open
+    file or a path. Returns float32 images ``(N, 28, 28)`` (row-major reshape, as in the papers'
+    code) and int64 labels. Raises ``ValueError`` on a wrong column or row count."""
+    arr = np.loadtxt(fh, dtype=np.float32, ndmin=2)
+    if arr.shape[1] != 785:
+        raise ValueError(f"{name}: expected 785 columns (784 pixels + label), got {arr.shape[1]}")
+    if rows is not None and arr.shape[0] != rows:
+        raise ValueError(f"{name}: expected {rows} rows, got {arr.shape[0]} (truncated file?)")
+    labels = arr[:, -1]
+    if not np.all(labels == np.round(labels)) or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{name}: labels must be integers 0..9")
+    return np.ascontiguousarray(arr[:, :784].reshape(-1, 28, 28)), labels.astype(np.int64)
+
+
+def mnist_rot_archive(root: str | os.PathLike | None = None, *, download: bool = True,
+                      url: str = MNIST_ROT_URL, fetch=None) -> Path:
+    """Path of the verified official archive: found in :func:`data_dirs` (the folder or its
+    ``mnist_rot/`` subfolder), else downloaded into :func:`cache_dir`. Raises
+    :class:`DataNotFoundError` naming the file and the folder to put it in when it is missing and
+    cannot be downloaded, and ``ValueError`` when a found file fails its checksum."""
+    for d in data_dirs(root):
+        for c in (d / MNIST_ROT_FILE, d / "mnist_rot" / MNIST_ROT_FILE):
+            if c.is_file():
+                actual = sha1sum(c)
+                if actual != MNIST_ROT_SHA1:
+                    raise ValueError(f"checksum mismatch for {c}: expected sha1 {MNIST_ROT_SHA1}, got "
+                                     f"{actual}; delete it (it is corrupt or truncated) and download again")
+                return c
+    target = cache_dir(root) / MNIST_ROT_FILE
+    why = ("downloading is disabled (KIT_OFFLINE is set)" if _offline() else
+           "downloading is disabled (download=False)" if not download else None)
+    if why is None:
+        try:
+            return globals()["download"](url, target, MNIST_ROT_SHA1, fetch=fetch)
+        except ValueError:
+            raise
+        except Exception as e:   # offline, DNS, HTTP error ...
+            why = f"the download from {url} failed ({type(e).__name__}: {e})"
+    searched = "\n  ".join(str(d) for d in data_dirs(root))
+    raise DataNotFoundError(
+        f"{MNIST_ROT_FILE} (official MNIST-rot, sha1 {MNIST_ROT_SHA1}) not found and {why}. Download it "
+        f"from {url} and put it in the folder {target.parent} (or in $KIT_DATA). Searched:\n  {searched}\n"
+        f"Offline, use the dataset 'mnist-rot-rebuilt' (built from raw MNIST, labelled 'rebuilt').")
+
+
+def load_mnist_rot(root: str | os.PathLike | None = None, *, download: bool = True, fetch=None) -> dict:
+    """The official MNIST-rot as numpy arrays: ``train_valid_images`` ``(12000, 28, 28)`` float32,
+    ``train_valid_labels``, ``test_images`` ``(50000, 28, 28)``, ``test_labels``.
+
+    The ``.amat`` text is parsed once and cached as ``mnist_rot_official.npz`` in :func:`cache_dir`
+    (written atomically, keyed on the archive's SHA1); later calls read the cache.
+    """
+    cache = cache_dir(root) / _MNIST_ROT_CACHE
+    if cache.is_file():
+        with np.load(cache) as z:
+            if str(z["source_sha1"]) == MNIST_ROT_SHA1:
+                return {k: z[k] for k in z.files if k != "source_sha1"}
+    archive = mnist_rot_archive(root, download=download, fetch=fetch)
+    out = {}
+    with zipfile.ZipFile(archive) as zf:
+        names = {Path(n).name: n for n in zf.namelist()}
+        for key, (member, rows) in MNIST_ROT_MEMBERS.items():
+            if member not in names:
+                raise ValueError(f"{archive}: member {member} missing (members: {sorted(names)})")
+            with zf.open(names[member]) as fh:
+                out[f"{key}_images"], out[f"{key}_labels"] = parse_amat(fh, rows, name=member)
+    _atomic_savez(cache, source_sha1=np.array(MNIST_ROT_SHA1), **out)
+    return out
+
+
+# =============================================================================================
+# 7. MNIST-rot, rebuilt from raw MNIST (same protocol, offline)
+# =============================================================================================
+
+REBUILT_SEED = 2007
+#: the rebuilt split sizes: 10k train + 2k validation (the 12k of the official archive) / 50k test
+REBUILT_SIZES = {"train": 10000, "val": 2000, "test": 50000}
+
+
+@functools.lru_cache(maxsize=2)
+def _rebuilt_draw(seed: int, root: str | None) -> tuple[np.ndarray, np.ndarray]:
+    n_pool = MNIST_SPLITS["train"] + MNIST_SPLITS["test"]
+    n = sum(REBUILT_SIZES.values())
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(n_pool, size=n, replace=False).astype(np.int64)
+    ang = rng.uniform(0.0, 360.0, size=n).astype(np.float32)
+    ang = np.where(ang >= np.float32(360.0), np.float32(0.0), ang).astype(np.float32)
+    return idx, ang
+
+
+def mnist_rot_rebuilt(split: str = "train", n: int | None = None, *, seed: int = REBUILT_SEED,
+                      root: str | os.PathLike | None = None) -> dict:
+    """Rotated MNIST **rebuilt** with the MNIST-rot protocol (label it "rebuilt" wherever shown).
+
+    62,000 digits are drawn without replacement from the 70,000 raw MNIST digits (train then test
+    files, indices 0..69999) with ``numpy.random.default_rng(seed)``, each with its own angle
+    uniform in [0, 360) degrees; the first 10,000 are ``'train'``, the next 2,000 ``'val'``, the
+    last 50,000 ``'test'`` (``'trainval'``: the first 12,000). Only the first ``n`` digits of the
+    split are rotated (cheap subsets). Returns ``images`` float32 ``(n, 28, 28)`` in [0, 1],
+    ``labels``, ``angles_deg``, ``source_index`` (into the 70k pool).
+    """
+    offsets = {"train": (0, 10000), "val": (10000, 12000), "trainval": (0, 12000), "test": (12000, 62000)}
+    if split not in offsets:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(offsets)}")
+    a, b = offsets[split]
+    if n is not None:
+        if not 0 <= int(n) <= b - a:
+            raise ValueError(f"n must be in 0..{b - a} for the rebuilt {split!r} split, got {n}")
+        b = a + int(n)
+    idx, ang = _rebuilt_draw(int(seed), None if root is None else str(root))
+    idx, ang = idx[a:b], ang[a:b]
+    tr_img, tr_lab = load_mnist_raw("train", root=root)
+    te_img, te_lab = load_mnist_raw("test", root=root)
+    ntr = len(tr_img)
+    in_tr = idx < ntr
+    raw = np.empty((len(idx), 28, 28), dtype=np.uint8)
+    lab = np.empty(len(idx), dtype=np.int64)
+    raw[in_tr], lab[in_tr] = tr_img[idx[in_tr]], tr_lab[idx[in_tr]]
+    raw[~in_tr], lab[~in_tr] = te_img[idx[~in_tr] - ntr], te_lab[idx[~in_tr] - ntr]
+    return {"images": rotate_digits(raw, ang.astype(np.float64)), "labels": lab,
+            "angles_deg": ang, "source_index": idx}
+
+
+# =============================================================================================
+# 8. CIFAR-10 / CIFAR-100 through torchvision
+# =============================================================================================
+
+#: per-channel (mean, std) on [0, 1] images; "e4": the E4-Net recipe (Normalize of its train.py)
+CIFAR_NORMALISATION = {
+    "e4": ((125.3 / 255, 123.0 / 255, 113.9 / 255), (63.0 / 255, 62.1 / 255, 66.7 / 255)),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "separable-cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+_CIFAR_FILES = {  # name -> (archive, extracted folder, URL, md5 of the archive)
+    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py",
+                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python",
+                 "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85"),
+}
+
+
+def stratified_indices(labels, fraction: float, seed: int = 0) -> np.ndarray:
+    """Indices of a class-stratified random subset: ``round(fraction * n_c)`` of every class ``c``,
+    drawn with ``default_rng(seed)``, returned sorted."""
+    labels = np.asarray(labels)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    keep = [rng.choice(np.flatnonzero(labels == c), size=int(round(fraction * np.sum(labels == c))),
+                       replace=False) for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def load_cifar(name: str = "cifar10", split: str = "train", *, root: str | os.PathLike | None = None,
+               download: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10/100 ``split`` ('train' 50k, 'test' 10k) through torchvision: uint8 ``(N, 3, 32, 32)``
+    and int64 labels (CIFAR-100: the 100 fine labels). torchvision checks the files' MD5.
+
+    Looks in every folder of :func:`data_dirs` (and its ``cifar/`` subfolder); with ``download``
+    it downloads into ``cache_dir()/cifar``. Missing offline: :class:`DataNotFoundError` naming the
+    archive and the folder.
+    """
+    if name not in _CIFAR_FILES:
+        raise ValueError(f"unknown CIFAR {name!r}; valid: {', '.join(_CIFAR_FILES)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; valid splits: 'train', 'test'")
+    from ._compat import import_torchvision
+    tv = import_torchvision()
+    cls = tv.datasets.CIFAR10 if name == "cifar10" else tv.datasets.CIFAR100
+    archive, folder, url, md5 = _CIFAR_FILES[name]
+
+    def read(c: Path):
+        try:
+            ds = cls(str(c), train=split == "train", download=False)
+        except RuntimeError as e:
+            raise ValueError(f"{c / folder}: {e} (torchvision's MD5 check failed; delete the folder and "
+                             f"download again)") from None
+        return np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, dtype=np.int64)
+
+    def extract(tar: Path, into: Path):
+        import tarfile
+        verify_file(tar, md5)
+        with tarfile.open(tar) as tf:
+            tf.extractall(into, filter="data")
+
+    for d in data_dirs(root):
+        for c in (d, d / "cifar"):
+            if (c / folder).is_dir():
+                return read(c)
+            if (c / archive).is_file():
+                dest = cache_dir(root) / "cifar"
+                extract(c / archive, dest)
+                return read(dest)
+    target = cache_dir(root) / "cifar"
+    if download and not _offline():
+        try:
+            extract(globals()["download"](url, target / archive, md5=md5), target)
+            return read(target)
+        except ValueError:
+            raise
+        except Exception as e:  # offline, DNS, HTTP error
+            why = f"the download from {url} failed ({type(e).__name__}: {e})"
+    else:
+        why = "downloading is disabled" + (" (KIT_OFFLINE is set)" if _offline() else " (download=False)")
+    raise DataNotFoundError(
+        f"{name} not found ({archive}, or its extracted {folder}/ folder) and {why}. Put {archive} "
+        f"(md5 {md5}, from {url}) or the extracted {folder}/ folder in the folder {target} (or set "
+        f"KIT_DATA to a folder holding it).")
+
+
+# =============================================================================================
+# 9. Synthetic data for tests
+# =============================================================================================
+
+def synthetic(n: int, *, seed: int = 0, shape=(1, 28, 28), num_classes: int = 10,
+              noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tiny learnable dataset: ``n`` images ``shape`` = class template (fixed by ``shape`` and
+    ``num_classes``, not by ``seed``) + Gaussian noise; labels cycle through the classes and are
+    shuffled with ``seed``. Float32 images, int64 labels."""
+    g = torch.Generator().manual_seed(12345)
+    templates = torch.rand((num_classes, *shape), generator=g)
+    g.manual_seed(int(seed))
+    labels = torch.arange(n) % num_classes
+    labels = labels[torch.randperm(n, generator=g)]
+    images = templates[labels] + noise * torch.randn((n, *shape), generator=g)
+    return images.float(), labels.long()
+
+
+# =============================================================================================
+# 10. One entry point: load_dataset(name) -> DataBundle
+# =============================================================================================
+
+class TensorData(torch.utils.data.Dataset):
+    """An in-memory split: ``images`` ``(N, C, H, W)`` (uint8 scaled by 1/255, or float), int64
+    ``labels``, normalised on access with per-channel ``mean`` / ``std``. ``batch(idx)`` returns
+    ``(x, y)`` for an index tensor at once (what the training loop uses)."""
+
+    def __init__(self, images, labels, mean=None, std=None):
+        self.images = torch.as_tensor(images)
+        if self.images.dim() == 3:
+            self.images = self.images[:, None]
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        c = self.images.shape[1]
+        self.mean = None if mean is None else torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1).expand(c, 1, 1)
+        self.std = None if std is None else torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1).expand(c, 1, 1)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def batch(self, idx):
+        x = self.images[idx]
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        if self.mean is not None:
+            x = (x - self.mean) / self.std
+        return x, self.labels[idx]
+
+    def __getitem__(self, i):
+        x, y = self.batch(torch.as_tensor([i]))
+        return x[0], y[0]
+
+    def subset(self, n: int | None):
+        if n is None or n >= len(self):
+            return self
+        out = TensorData.__new__(TensorData)
+        out.images, out.labels, out.mean, out.std = self.images[:n], self.labels[:n], self.mean, self.std
+        return out
+
+
+@dataclass
+class DataBundle:
+    """Train / validation (or ``None``) / test splits and ``info``: ``name``, ``label`` (human
+    readable; contains "rebuilt" for rebuilt data), ``rebuilt``, ``num_classes``, ``input_shape``,
+    ``sizes``, ``normalisation``."""
+    train: TensorData
+    val: TensorData | None
+    test: TensorData
+    info: dict = field(default_factory=dict)
+
+
+def _channel_stats(images: torch.Tensor):
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    if x.dim() == 3:
+        x = x[:, None]
+    return tuple(x.mean(dim=(0, 2, 3)).tolist()), tuple(x.std(dim=(0, 2, 3)).tolist())
+
+
+def _resolve_norm(normalise, name, train_images):
+    """``None``/"none" -> no normalisation; "train": per-channel mean/std of the training split;
+    a key of :data:`CIFAR_NORMALISATION`; or an explicit ``(mean, std)`` pair."""
+    if normalise is None or normalise == "none":
+        return None, None, "none"
+    if normalise == "train":
+        m, s = _channel_stats(train_images)
+        return m, s, "train mean/std"
+    if isinstance(normalise, str):
+        if normalise not in CIFAR_NORMALISATION:
+            raise ValueError(f"unknown normalisation {normalise!r}; valid: 'none', 'train', "
+                             f"{', '.join(map(repr, CIFAR_NORMALISATION))} or a (mean, std) pair")
+        m, s = CIFAR_NORMALISATION[normalise]
+        return m, s, normalise
+    m, s = normalise
+    m = (m,) if isinstance(m, (int, float)) else tuple(m)
+    s = (s,) if isinstance(s, (int, float)) else tuple(s)
+    return m, s, f"mean {m}, std {s}"
+
+
+def _val_holdout(labels, n_val: int, seed: int):
+    """Stratified hold-out of ``n_val`` training rows: (train_idx, val_idx)."""
+    val = stratified_indices(labels, n_val / len(labels), seed=seed + 1) if n_val else np.array([], np.int64)
+    mask = np.ones(len(labels), bool)
+    mask[val] = False
+    return np.flatnonzero(mask), val
+
+
+def _mnist_rot_official(*, val, root, download, **_):
+    d = load_mnist_rot(root, download=download)
+    tv_i, tv_l = d["train_valid_images"], d["train_valid_labels"]
+    k = MNIST_ROT_TRAIN if val else len(tv_i)
+    return dict(train=(tv_i[:k], tv_l[:k]), val=(tv_i[k:], tv_l[k:]) if val else None,
+                test=(d["test_images"], d["test_labels"]), label="MNIST-rot (official, Larochelle et al. 2007)",
+                rebuilt=False, num_classes=10)
+
+
+def _mnist_rot_rebuilt(*, val, root, subsets, seed_data, **_):
+    ntr, nva, nte = subsets
+    if val:
+        tr = mnist_rot_rebuilt("train", ntr, seed=seed_data, root=root)
+        va = mnist_rot_rebuilt("val", nva, seed=seed_data, root=root)
+    else:
+        tr, va = mnist_rot_rebuilt("trainval", ntr, seed=seed_data, root=root), None
+    te = mnist_rot_rebuilt("test", nte, seed=seed_data, root=root)
+    return dict(train=(tr["images"], tr["labels"]), val=(va["images"], va["labels"]) if va else None,
+                test=(te["images"], te["labels"]), num_classes=10, rebuilt=True,
+                label=f"MNIST-rot (rebuilt from raw MNIST, seed {seed_data})")
+
+
+def _cifar(which):
+    def load(*, val, root, download, fraction, seed_data, **_):
+        tr_i, tr_l = load_cifar(which, "train", root=root, download=download)
+        te_i, te_l = load_cifar(which, "test", root=root, download=download)
+        keep = stratified_indices(tr_l, fraction, seed=seed_data)
+        tr_i, tr_l = tr_i[keep], tr_l[keep]
+        va = None
+        if val:
+            t_idx, v_idx = _val_holdout(tr_l, int(round(0.1 * len(tr_l))), seed_data)
+            va = (tr_i[v_idx], tr_l[v_idx])
+            tr_i, tr_l = tr_i[t_idx], tr_l[t_idx]
+        frac = "" if fraction == 1 else f", stratified {fraction:g} of the training set"
+        return dict(train=(tr_i, tr_l), val=va, test=(te_i, te_l), rebuilt=False,
+                    num_classes=10 if which == "cifar10" else 100,
+                    label=f"{'CIFAR-10' if which == 'cifar10' else 'CIFAR-100'}{frac}")
+    return load
+
+
+def _synthetic(*, val, seed_data, subsets, **_):
+    ntr, nva, nte = (s if s is not None else d for s, d in zip(subsets, (256, 64, 128)))
+    tr = synthetic(ntr, seed=seed_data)
+    va = synthetic(nva, seed=seed_data + 1) if val else None
+    te = synthetic(nte, seed=seed_data + 2)
+    return dict(train=tr, val=va, test=te, rebuilt=False, num_classes=10, label="synthetic (tests)")
+
+
+#: dataset name -> (loader, default normalisation, one-line description)
+DATASETS = {
+    "mnist-rot": (_mnist_rot_official, None, "official MNIST-rot archive: 10k train + 2k val / 50k test"),
+    "mnist-rot-rebuilt": (_mnist_rot_rebuilt, None, "MNIST-rot rebuilt offline from raw MNIST: 10k + 2k / 50k"),
+    "cifar10": (_cifar("cifar10"), "e4", "CIFAR-10 through torchvision (E4 normalisation)"),
+    "cifar100": (_cifar("cifar100"), "e4", "CIFAR-100 through torchvision (E4 normalisation)"),
+    "synthetic": (_synthetic, None, "tiny learnable synthetic images (tests): 256 / 64 / 128"),
+}
+
+
+def load_dataset(name: str, *, val: bool = True, train_subset: int | None = None, val_subset: int | None = None,
+                 test_subset: int | None = None, fraction: float = 1.0, normalise="default",
+                 seed: int | None = None, root: str | os.PathLike | None = None,
+                 download: bool = True) -> DataBundle:
+    """Load dataset ``name`` (see :data:`DATASETS`) as a :class:`DataBundle`.
+
+    ``val``: hold out a validation split (MNIST-rot: the 2k validation rows; CIFAR: a stratified
+    10 % of the training set); ``val=False`` trains on the whole training pool as the papers do.
+    ``*_subset``: keep only the first ``n`` rows of a split (quick runs). ``fraction``: stratified
+    fraction of the CIFAR training set. ``normalise``: "default" (the dataset's), "none", "train",
+    a key of :data:`CIFAR_NORMALISATION` or ``(mean, std)``. ``seed``: the data seed of the
+    rebuilt / synthetic / fractional data (default: the dataset's fixed seed).
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+    if fraction != 1.0 and not name.startswith("cifar"):
+        raise ValueError(f"fraction is only supported for CIFAR datasets, not {name!r}")
+    loader, default_norm, _ = DATASETS[name]
+    seed_data = (REBUILT_SEED if name == "mnist-rot-rebuilt" else 0) if seed is None else int(seed)
+    raw = loader(val=val, root=root, download=download, fraction=fraction, seed_data=seed_data,
+                 subsets=(train_subset, val_subset, test_subset))
+    tr_i, tr_l = raw["train"]
+    mean, std, norm_label = _resolve_norm(default_norm if normalise == "default" else normalise, name,
+                                          torch.as_tensor(tr_i))
+    splits = {}
+    for key, n in (("train", train_subset), ("val", val_subset), ("test", test_subset)):
+        if raw[key] is None:
+            splits[key] = None
+            continue
+        splits[key] = TensorData(torch.as_tensor(raw[key][0]), raw[key][1], mean, std).subset(n)
+    info = dict(name=name, label=raw["label"], rebuilt=raw["rebuilt"], num_classes=raw["num_classes"],
+                input_shape=tuple(splits["train"].images.shape[1:]), normalisation=norm_label,
+                sizes={k: (len(v) if v is not None else 0) for k, v in splits.items()})
+    return DataBundle(splits["train"], splits["val"], splits["test"], info)
