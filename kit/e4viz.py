@@ -331,7 +331,8 @@ def filter_explorer(lab: Lab):
     row = W.IntSlider(value=r0, min=0, max=H - 1, description="row", continuous_update=False)
     col = W.IntSlider(value=c0, min=0, max=Wd - 1, description="column", continuous_update=False)
     sl = W.IntSlider(value=0, min=0, max=lab.layer.slices - 1, description="slice", continuous_update=False)
-    rot = W.IntSlider(value=1, min=0, max=3, description="rotation ×90°", continuous_update=False)
+    rot = W.IntSlider(value=1, min=0, max=3, description="rotation ×90°", continuous_update=False,
+                      style={"description_width": "initial"})   # the default width truncates the label
     out = W.Output()
 
     def draw(*_):

@@ -37,7 +37,7 @@ from .models import epdo as _epdo_models  # noqa: F401  (registers the nepdo-* m
 from .sample import load_sample
 
 __all__ = ["Lab", "setup", "coefficients_figure", "rotation_figure", "discretisations_figure",
-           "angle_errors", "error_vs_angle_figure", "OPERATOR_NAMES"]
+           "angle_errors", "error_vs_angle_figure", "coefficient_explorer", "OPERATOR_NAMES"]
 
 OPERATOR_NAMES = [component_name(i, j) for i, j in components(4)]
 _METHOD_KW = {"fd": None, "gauss": {"normalize": False}, "rbffd": None}
@@ -130,6 +130,41 @@ def coefficients_figure(lab: Lab, row: int, col: int, *, slot: int = 0, componen
     fig.suptitle(f"Neural ePDO ({lab.method}): the operator generated at one pixel", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def coefficient_explorer(lab: Lab, row: int | None = None, col: int | None = None, *, slot: int = 0,
+                         component: int = 0):
+    """ipywidgets: sliders for the pixel (row, column), the generated field (slot) and the group
+    component; redraws :func:`coefficients_figure` on release. Returns an ``ipywidgets.VBox`` with
+    ``state = {draws, figure, args}`` (read by tests)."""
+    import ipywidgets as W
+    from IPython.display import display
+
+    H, Wd = lab.x.shape[-2:]
+    r0, c0 = lab.pixel if row is None else (row, col)
+    c, _ = lab.at(lab.x, r0, c0)
+    kw = dict(continuous_update=False, style={"description_width": "initial"})
+    rw = W.IntSlider(value=r0, min=0, max=H - 1, description="row", **kw)
+    cl = W.IntSlider(value=c0, min=0, max=Wd - 1, description="column", **kw)
+    sl = W.IntSlider(value=slot, min=0, max=c.shape[0] - 1, description="field", **kw)
+    cp = W.IntSlider(value=component, min=0, max=c.shape[1] - 1, description="component", **kw)
+    out = W.Output()
+    box = W.VBox([W.HBox([rw, cl]), W.HBox([sl, cp]), out])
+    box.state = {"draws": 0, "figure": None, "args": None}
+
+    def draw(*_):
+        args = (rw.value, cl.value, sl.value, cp.value)
+        fig = coefficients_figure(lab, args[0], args[1], slot=args[2], component=args[3])
+        box.state.update(draws=box.state["draws"] + 1, figure=fig, args=args)
+        with out:
+            out.clear_output(wait=True)
+            display(fig)
+        plt.close(fig)
+
+    for w in (rw, cl, sl, cp):
+        w.observe(draw, names="value")
+    draw()
+    return box
 
 
 def rotation_figure(lab: Lab, row: int, col: int, *, slot: int = 0, component: int = 0):

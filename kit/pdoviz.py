@@ -500,8 +500,9 @@ def stencil_gallery(operator: str = "dxy", method: str = "fd", size: int = 5, si
     if operator not in OPERATORS:
         raise ValueError(f"unknown operator {operator!r}; expected one of {OPERATORS}")
     op = W.Dropdown(options=OPERATORS, value=operator, description="operator")
-    meth = W.ToggleButtons(options=list(METHODS), value=method, description="method")
-    sz = W.ToggleButtons(options=[3, 5], value=size, description="size")
+    meth = W.ToggleButtons(options=list(METHODS), value=method, description="method",
+                          style={"button_width": "72px"})   # default buttons are 150 px wide
+    sz = W.ToggleButtons(options=[3, 5], value=size, description="size", style={"button_width": "48px"})
     sig = W.FloatSlider(value=sigma, min=0.3, max=2.0, step=0.05, description="σ (px)",
                         continuous_update=False, readout_format=".2f", layout=W.Layout(width="360px"))
     norm = W.Checkbox(value=normalize, description="moment-corrected")

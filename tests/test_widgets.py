@@ -36,3 +36,19 @@ def test_rotation_explorer_draws_and_redraws(built):
     assert second != first, "moving the slider changes the picture"
     field.value = 1
     assert box.state["draws"] == 3 and _pixels(box.state["figure"]) != second
+
+
+def test_epdo_coefficient_explorer_draws_and_redraws():
+    from kit import epdoviz
+    lab = epdoviz.setup(seed=0, digit=3)
+    box = epdoviz.coefficient_explorer(lab)
+    (row, col), (field, comp) = box.children[0].children, box.children[1].children
+    assert not row.continuous_update and field.max == 3 and comp.max == lab.group.order - 1
+    assert box.state["draws"] == 1 and box.state["args"] == (*lab.pixel, 0, 0)
+    first = _pixels(box.state["figure"])
+    row.value = row.value + 1
+    assert box.state["draws"] == 2 and box.state["args"][0] == lab.pixel[0] + 1
+    second = _pixels(box.state["figure"])
+    assert second != first, "moving the pixel changes the picture"
+    comp.value = 4
+    assert box.state["draws"] == 3 and _pixels(box.state["figure"]) != second
