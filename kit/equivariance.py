@@ -179,8 +179,7 @@ def error_vs_angle(module: nn.Module, angles, x: torch.Tensor | None = None, *, 
                 else:
                     if not out_type.is_trivial:
                         yy, yb = y.amax(dim=2), yr.amax(dim=2)                     # invariant part
-                    yb = rot(yb, -a)
-                    yb = torch.flip(yb, dims=(-1,)) if mirror else yb
+                    yb = act_on_image(rot(yb, -a), 0.0, mirror=mirror)               # (R M)^-1 = M R^-1
                 err = _rel(yb, yy, True)
                 trip = rot(rot(yy, a), -a)
                 floor = _rel(trip, yy, True)

@@ -333,16 +333,22 @@ SMALL = {"nepdo-mnist-regular-fd": (8, 8, 8, 8, 8, 8), "nepdo-mnist-quotient-gau
          "nepdo-mnist-d16c16-gauss": (4, 4, 4, 4, 4, 8), "pdo-econv-mnist-c16-fd": (2, 2, 2, 2, 2, 4)}
 
 
-@pytest.mark.parametrize("name,method", [("nepdo-mnist-regular-fd", "fd"), ("nepdo-mnist-regular-fd", "gauss"),
-                                         ("nepdo-mnist-regular-fd", "rbffd"), ("nepdo-mnist-quotient-gauss", None),
+_OPEN = pytest.mark.xfail(strict=True, reason=(
+    "open (issue 6): float32 error roughly doubles through each Neural ePDO layer; logits measured "
+    "1.0-1.4e-5 here against the 1e-5 target (float64: <= 1e-9). Strict: passes -> remove this mark."))
+
+
+@pytest.mark.parametrize("name,method", [("nepdo-mnist-regular-fd", "fd"),
+                                         pytest.param("nepdo-mnist-regular-fd", "gauss", marks=_OPEN),
+                                         pytest.param("nepdo-mnist-regular-fd", "rbffd", marks=_OPEN),
+                                         ("nepdo-mnist-quotient-gauss", None),
                                          ("nepdo-mnist-d16c16-gauss", None), ("pdo-econv-mnist-c16-fd", None)])
 def test_models_invariant_at_90_degrees(name, method, digits):
-    """Invariant features (group max, spatial max: the head's input) <= 1e-5 at the 90-degree
-    rotations; logits (calibrated eval-mode BatchNorm1d, which amplifies the float32 noise of the
-    features ~4x) <= 5e-5 in float32 and float noise in float64. D16|5C16: the D16 part before the
+    """Invariant features (group max, spatial max: the head's input) and logits <= 1e-5 at the
+    90-degree rotations in float32, float noise in float64. D16|5C16: the D16 part before the
     restriction is also exact at the mirrors. Reduced widths (the architecture, strides and
     discretisation of the registered model; full widths measured in the report: features 2-3e-6,
-    logits 0.7-1.7e-5)."""
+    logits 0.7-1.7e-5). Two cases miss the logit target (strict xfail, issue 6 open)."""
     kw = {} if method is None else {"method": method, "stencil_kw": None}
     m = models.create(name, widths=SMALL[name], **kw)
     x = _small(digits, 4, start=100)
@@ -355,11 +361,11 @@ def test_models_invariant_at_90_degrees(name, method, digits):
         for g in rots[1:]:
             f1 = m.invariant_features(m.in_type.transform(x, g))
             assert ((f1 - f0).norm() / f0.norm()).item() <= TOL, (name, g)
-    assert max_error(check(m, rots, x)) <= 5e-5
     assert max_error(check(copy.deepcopy(m).double(), rots, x.double())) <= 1e-9
     if G.flip:
         idx = next(i for i, l in enumerate(m.layers) if isinstance(l, mepdo.RestrictToRotations))
         assert max_error(check(EquivariantSequential(*m.layers[:idx]), _exact(G), x[:2])) <= TOL
+    assert max_error(check(m, rots, x)) <= TOL                  # float32 logits: the issue's target
 
 
 def test_restriction_is_two_c16_regular_fields(digits):

@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fields import FieldType
-from ..groups import CyclicGroup, Representation, cyclic, regular_rep
+from ..groups import CyclicGroup, Representation, cyclic, regular_rep, rotate_image
 from .base import EquivariantModule, KernelCache
 
 __all__ = ["LieGrid", "SE2", "Sim2", "scale_regular_rep", "SIREN", "LieLiftingConv", "LieGroupConv",
@@ -265,7 +265,7 @@ def _complete(Kq: torch.Tensor, grid: LieGrid, in_axis: int | None = None) -> to
         return Kq
     parts = [Kq]
     for r in (1, 2, 3):
-        P = torch.rot90(Kq, r, dims=(-2, -1))
+        P = rotate_image(Kq, 90.0 * r)                       # exact quarter turn (kit.groups)
         parts.append(torch.roll(P, r * Q, dims=in_axis) if in_axis is not None else P)
     return torch.cat(parts, dim=0)
 
