@@ -9,7 +9,8 @@ JOBS ?= 1
 STAMP = $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install test reproduce sweep benchmark lab clean distclean
+COMPARE = $(VENV)/.compare
+.PHONY: help install compare gfortran test reproduce sweep benchmark bench lab clean distclean
 
 help:
 	@echo "eqkit targets:"
@@ -17,6 +18,8 @@ help:
 	@echo "                   then the quick sweep (sweeps/quick.yaml) and its report (runs/quick/report.md)"
 	@echo "  make sweep       run a sweep spec and its report (SPEC=$(SPEC) JOBS=$(JOBS))"
 	@echo "  make benchmark   the CPU-budget benchmark: cnn-mnist vs p4-mnist on rebuilt MNIST-rot, 2 seeds (~25 min)"
+	@echo "  make bench       python -m kit bench: every family beside escnn, CPU (<10 min) -> figures/bench/"
+	@echo "  make compare     add the optional 'compare' extra (escnn) to $(VENV); installs gfortran if missing"
 	@echo "  make test        install (if needed), run the test suite (PYTEST_ARGS='$(PYTEST_ARGS)')"
 	@echo "  make install     create $(VENV) and install eqkit (editable) with test extras"
 	@echo "  make lab         install (if needed), start JupyterLab on notebooks/"
@@ -30,6 +33,30 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 install: $(STAMP)
+
+# escnn's dependency py3nj is Fortran: build it with gfortran (installed here with apt when missing)
+gfortran:
+	@command -v gfortran >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo ">>> installing gfortran (py3nj, a dependency of escnn, is built with it)"; \
+		(apt-get install -y --no-install-recommends gfortran || (apt-get update && \
+		 DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends gfortran)); \
+	elif command -v sudo >/dev/null && command -v apt-get >/dev/null; then \
+		sudo apt-get install -y --no-install-recommends gfortran; \
+	else \
+		echo "make compare: escnn's dependency py3nj needs a Fortran compiler; install gfortran" \
+		     "(Debian/Ubuntu: apt-get install gfortran; conda: conda install gfortran) and re-run" >&2; exit 1; \
+	fi
+
+$(COMPARE): $(STAMP)
+	@$(MAKE) --no-print-directory gfortran
+	$(PY) -m pip install -e ".[test,compare]"
+	@touch $@
+
+compare: $(COMPARE)
+
+bench: install
+	$(PY) -m kit bench
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -4,6 +4,8 @@
                 then the quick sweep (sweeps/quick.yaml) and its report
     sweep       run a sweep spec: python -m kit sweep sweeps/quick.yaml [--jobs N] [--executor slurm]
     report      gather a sweep into markdown + CSV + a figure: python -m kit report quick
+    bench       one benchmark across all families beside escnn: python -m kit bench [--only GLOB] [--device cuda]
+                (python -m kit bench --help for its options)
 """
 from __future__ import annotations
 
@@ -66,6 +68,10 @@ def _report(args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:                  # its own argument parser (kit/bench.py)
+        from .bench import main as bench_main
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m kit", description="eqkit command line")
     sub = parser.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("reproduce", help="execute every notebook with its quick parameters, then the quick sweep")
@@ -95,6 +101,7 @@ def main(argv=None) -> int:
     rr.add_argument("--runs-dir", default=None)
     rr.add_argument("--out", default=None, help="output folder (default: the sweep folder)")
     rr.set_defaults(func=_report)
+    sub.add_parser("bench", help="one benchmark across all families beside escnn (python -m kit bench --help)")
     args = parser.parse_args(argv)
     return args.func(args)
 

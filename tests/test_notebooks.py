@@ -23,6 +23,14 @@ EXPECTED_FIGURES = {
     "train.ipynb": ["train_curves.png"],
     "04_pdo_stencils.ipynb": ["pdo_stencil_gallery.png", "pdo_rotated_kernels.png", "pdo_error_vs_angle.png",
                               "pdo_convergence.png"],
+    "07_equivariance_benchmark.ipynb": ["bench/error_vs_angle.png", "bench/throughput.png"],
+}
+
+# In the test suite the figures folder is empty, so notebook 07 would measure everything (~6 min):
+# a few entries at coarse angles exercise the same code. (`make reproduce` keeps the committed results.)
+TEST_PARAMETERS = {
+    "07_equivariance_benchmark.ipynb": {"ONLY": "cnn-conv,p4-gconv,escnn-c4,p4-mnist", "ANGLE_STEP": 45,
+                                        "REPEATS": 1},
 }
 
 
@@ -36,7 +44,8 @@ def test_committed_notebook_is_clean(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_executes_and_writes_figures(path, tmp_path):
-    out = execute(path, tmp_path / "runs", figures_dir=tmp_path / "figures")
+    out = execute(path, tmp_path / "runs", figures_dir=tmp_path / "figures",
+                  parameters=TEST_PARAMETERS.get(path.name))
     nb = json.loads(out.read_text())
     errors = [o for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]

@@ -1,0 +1,766 @@
+"""One benchmark across every family of the kit, measured beside escnn's ``R2Conv``.
+
+    python -m kit bench                       # everything, CPU, writes figures/bench/*.json + PNG
+    python -m kit bench --only 'p4*'          # a subset (glob over entry names)
+    python -m kit bench --device cuda         # on a GPU
+    python -m kit bench --list                # the entries
+
+For the CNN baseline and one representative **layer** and **model** of every family (regular G-CNN,
+E4-Net, PDO-eConv, Neural ePDO, Separable G-CNN), and for escnn ``R2Conv`` with regular fields on
+C4, D4, C8 and C16 (the ``compare`` extra, ``make compare``), it measures:
+
+* **equivariance error from 0 to 360 degrees** (5-degree steps) with the interpolation floor, by
+  :func:`kit.equivariance.error_vs_angle` on real digits; plus the largest error over the group
+  elements that are exact on the pixel grid (multiples of 90 degrees, and mirrors for D4), by
+  :func:`kit.equivariance.check`. A layer is measured inside a two-layer block ``lift -> ReLU ->
+  layer`` (its family's lifting layer first), so that its input is an image that can be rotated by
+  any angle; a model is measured on its logits, with batch-norm statistics calibrated on real digits
+  (:func:`kit.models.calibrate_batchnorm`; an uncalibrated untrained net barely depends on its input).
+* **parameters and MACs per image** (conv / matmul MACs counted by ``FlopCounterMode``, the dynamic
+  per-pixel aggregation of E4 and Neural ePDO layers added analytically, see :func:`count_macs`),
+  and the batch-independent MACs of building the kernels from the parameters in a training step.
+* **throughput** (images/s) of the forward pass (eval mode, no gradient, cached kernels) and of
+  forward + backward (train mode, kernels rebuilt, as in a training step), the median of
+  ``repeats`` timed runs after a warm-up, and the **peak memory** of each (CPU: bytes allocated by
+  torch, from profiler memory events; CUDA: ``max_memory_allocated``).
+
+Layers run at a matched width of 64 channels (``fields x |G|``) on 28 x 28 inputs with 5 x 5 kernels;
+models are the papers' MNIST-rot networks at their own widths (their parameter counts differ).
+Every JSON states the device, threads, load average and library versions; a finished entry is kept
+and skipped on a re-run with the same settings (``--force`` re-measures), so an interrupted run
+loses nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import fnmatch
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from . import models
+from .equivariance import check, error_vs_angle
+from .fields import FieldType
+from .groups import Group, cyclic, dihedral
+from .layers.base import EquivariantModule, EquivariantSequential, FieldReLU
+
+__all__ = ["Entry", "ENTRIES", "angles", "list_entries", "escnn_available", "EscnnBlock", "count_macs", "throughput",
+           "measure_entry", "run", "load_results", "table_markdown", "comparison_markdown", "error_figure", "speed_figure", "main"]
+
+REPO = Path(__file__).resolve().parent.parent
+OUT_DIR = REPO / "figures" / "bench"
+def angles(step: float = 5) -> tuple[float, ...]:
+    """``0, step, ..., 360`` degrees (``step`` must divide 360, so 90 degrees is on the list when 90 is)."""
+    if not step > 0 or abs(360 / step - round(360 / step)) > 1e-9:
+        raise ValueError(f"step must be a positive divisor of 360 degrees, got {step!r}")
+    n = round(360 / step)
+    return tuple(round(i * step, 6) for i in range(n + 1))
+
+
+ANGLES = angles(5)
+WIDTH = 64                     # channels of every benchmarked layer (fields x |G|)
+KERNEL = 5
+SIZE = 28
+
+
+# ============================================================================ what is measured
+@dataclass(frozen=True)
+class Entry:
+    """One benchmarked module.
+
+    ``build(width, kernel)`` returns ``(module, block)``: ``module`` is timed and counted (a layer with
+    field inputs, or a whole model); ``block`` takes images and is measured for equivariance (for a
+    layer: its family's lifting layer, a ReLU, then the layer; for a model: the model itself).
+    """
+
+    name: str
+    kind: str                 # "layer" | "model"
+    family: str
+    group: str
+    library: str              # "eqkit" | "escnn"
+    description: str
+    build: Callable = field(repr=False, compare=False)
+    counterpart: str | None = None      # the escnn entry measured at the same fields and kernel size
+
+
+def _fields(width: int, G: Group) -> int:
+    if width % G.order:
+        raise ValueError(f"width {width} is not a multiple of |{G.name}| = {G.order}")
+    return width // G.order
+
+
+class PlainConv(EquivariantModule):
+    """A plain ``Conv2d`` with declared C4 trivial types, so the instrument can measure (and show) that
+    a CNN layer is *not* equivariant. ``(B, C_in, H, W) -> (B, C_out, H, W)``."""
+
+    def __init__(self, *, in_channels: int, out_channels: int, kernel_size: int = KERNEL):
+        super().__init__()
+        C4 = cyclic(4)
+        self.in_type, self.out_type = FieldType(C4, "trivial", in_channels), FieldType(C4, "trivial", out_channels)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+
+    def _forward(self, x):
+        return self.conv(x)
+
+
+def _block(lift: EquivariantModule, layer: EquivariantModule) -> EquivariantSequential:
+    return EquivariantSequential(lift, FieldReLU(lift.out_type), layer)
+
+
+def _cnn_layer(width, k):
+    layer = PlainConv(in_channels=width, out_channels=width, kernel_size=k)
+    return layer, _block(PlainConv(in_channels=1, out_channels=width, kernel_size=k), layer)
+
+
+def _gconv_layer(G):
+    def build(width, k):
+        from .layers.gconv import GroupConv, LiftingConv
+        f = _fields(width, G)
+        layer = GroupConv(group=G, in_fields=f, out_fields=f, kernel_size=k)
+        return layer, _block(LiftingConv(group=G, in_channels=1, out_fields=f, kernel_size=k), layer)
+    return build
+
+
+def _e4_layer(width, k):
+    from .layers.e4 import E4Conv
+    from .layers.gconv import LiftingConv
+    G = cyclic(4)
+    f = _fields(width, G)
+    # the e4-mnist-normal hyper-parameters: reduction 1, 8 fields per generated kernel
+    layer = E4Conv(group=G, in_fields=f, out_fields=f, kernel_size=k, reduction=1,
+                   channels_per_slice=math.gcd(8, f))
+    return layer, _block(LiftingConv(group=G, in_channels=1, out_fields=f, kernel_size=k), layer)
+
+
+def _pdo_layer(width, k):
+    from .layers.pdo import PDOGroupConv, PDOLiftingConv
+    G = cyclic(8)
+    f = _fields(width, G)                               # PDO stencils are 5 x 5 whatever k is
+    layer = PDOGroupConv(group=G, in_fields=f, out_fields=f, method="fd")
+    return layer, _block(PDOLiftingConv(group=G, in_channels=1, out_fields=f, method="fd"), layer)
+
+
+def _epdo_layer(width, k):
+    from .layers.epdo import LinearPDOConv, NeuralEPDOConv
+    G = cyclic(16)
+    f = _fields(width, G)
+    # the nepdo-mnist-regular-fd hyper-parameters: g = s = 4, reduction 1
+    layer = NeuralEPDOConv(in_type=FieldType(G, "regular", f), out_fields=f, g=f, s=f, reduction=1, method="fd")
+    return layer, _block(LinearPDOConv(in_type=FieldType(G, "trivial", 1), out_fields=f, method="fd"), layer)
+
+
+def _separable_layer(width, k):
+    from .layers.separable import SE2, LieGroupConv, LieLiftingConv
+    grid = SE2(8)
+    f = width // grid.dim
+    layer = LieGroupConv(grid=grid, in_fields=f, out_fields=f, kernel_size=k, variant="separable")
+    return layer, _block(LieLiftingConv(grid=grid, in_channels=1, out_fields=f, kernel_size=k), layer)
+
+
+def _model(name, **overrides):
+    def build(width, k):
+        m = models.create(name, **overrides)
+        return m, m
+    return build
+
+
+# ------------------------------------------------------------------------------------- escnn
+def escnn_available() -> bool:
+    """Whether the optional ``compare`` extra (escnn) is importable."""
+    try:
+        import escnn  # noqa: F401
+        return True
+    except Exception:
+        return False
+
+
+class EscnnBlock(EquivariantModule):
+    """An escnn module behind the kit's contract: kit field layout in and out.
+
+    escnn's conventions on the grid coincide with the kit's (checked in tests/test_bench.py): its
+    C_N element ``k`` acts on images as ``torch.rot90(x, k, dims=(-2, -1))`` (counter-clockwise), its
+    D_N element ``(-, 0)`` as the mirror ``x -> -x``, a regular field's channels are indexed by the
+    group elements in the kit's order, and ``rho(g) e_h = e_{gh}``. So the adapter only reshapes
+    ``(B, C, |G|, H, W) <-> (B, C*|G|, H, W)``.
+    """
+
+    def __init__(self, module, in_type: FieldType, out_type: FieldType, escnn_in_type):
+        super().__init__()
+        self.module, self.in_type, self.out_type, self._etype = module, in_type, out_type, escnn_in_type
+
+    def _forward(self, x):
+        from escnn import nn as enn
+        y = self.module(enn.GeometricTensor(self.in_type.flatten(x), self._etype)).tensor   # (B, C*|G|, H, W)
+        return self.out_type.unflatten(y)                                                    # (B, C, |G|, H, W)
+
+
+def _escnn_layer(n: int, flip: bool):
+    def build(width, k):
+        from escnn import gspaces
+        from escnn import nn as enn
+        gs = gspaces.flipRot2dOnR2(n) if flip else gspaces.rot2dOnR2(n)
+        G = dihedral(n) if flip else cyclic(n)
+        f = _fields(width, G)
+        t_img = enn.FieldType(gs, [gs.trivial_repr])
+        t_reg = enn.FieldType(gs, [gs.regular_repr] * f)
+        conv = enn.R2Conv(t_reg, t_reg, kernel_size=k, padding=k // 2)
+        kin, kout = FieldType(G, "regular", f), FieldType(G, "regular", f)
+        layer = EscnnBlock(conv, kin, kout, t_reg)
+        block = EscnnBlock(enn.SequentialModule(enn.R2Conv(t_img, t_reg, kernel_size=k, padding=k // 2),
+                                                enn.ReLU(t_reg), conv),
+                           FieldType(G, "trivial", 1), kout, t_img)
+        return layer, block
+    return build
+
+
+def _entries() -> dict[str, Entry]:
+    E = [
+        Entry("cnn-conv", "layer", "CNN baseline", "-", "eqkit", "Conv2d 64 -> 64 channels", _cnn_layer),
+        Entry("p4-gconv", "layer", "G-CNN", "C4", "eqkit", "GroupConv, 16 -> 16 regular fields",
+              _gconv_layer(cyclic(4)), "escnn-c4"),
+        Entry("p4m-gconv", "layer", "G-CNN", "D4", "eqkit", "GroupConv, 8 -> 8 regular fields",
+              _gconv_layer(dihedral(4)), "escnn-d4"),
+        Entry("p8-gconv", "layer", "G-CNN", "C8", "eqkit", "GroupConv, 8 -> 8 regular fields (interpolated kernels)",
+              _gconv_layer(cyclic(8)), "escnn-c8"),
+        Entry("c16-gconv", "layer", "G-CNN", "C16", "eqkit",
+              "GroupConv, 4 -> 4 regular fields (interpolated kernels)", _gconv_layer(cyclic(16)), "escnn-c16"),
+        Entry("e4-conv", "layer", "E4-Net", "C4", "eqkit", "E4Conv, 16 -> 16 regular fields (r=1, 8 fields/slice)",
+              _e4_layer),
+        Entry("pdo-conv", "layer", "PDO-eConv", "C8", "eqkit", "PDOGroupConv fd, 8 -> 8 regular fields", _pdo_layer),
+        Entry("nepdo-conv", "layer", "Neural ePDO", "C16", "eqkit",
+              "NeuralEPDOConv fd, 4 -> 4 regular fields (g=s=4, r=1)", _epdo_layer),
+        Entry("sep-conv", "layer", "Separable G-CNN", "SE(2), 8 rot.", "eqkit",
+              "LieGroupConv separable, 8 -> 8 fields", _separable_layer),
+        Entry("escnn-c4", "layer", "escnn R2Conv", "C4", "escnn", "R2Conv, 16 -> 16 regular fields",
+              _escnn_layer(4, False)),
+        Entry("escnn-d4", "layer", "escnn R2Conv", "D4", "escnn", "R2Conv, 8 -> 8 regular fields",
+              _escnn_layer(4, True)),
+        Entry("escnn-c8", "layer", "escnn R2Conv", "C8", "escnn", "R2Conv, 8 -> 8 regular fields",
+              _escnn_layer(8, False)),
+        Entry("escnn-c16", "layer", "escnn R2Conv", "C16", "escnn", "R2Conv, 4 -> 4 regular fields",
+              _escnn_layer(16, False)),
+    ]
+    for name, family in (("cnn-mnist", "CNN baseline"), ("p4-mnist", "G-CNN"), ("p4m-mnist", "G-CNN"),
+                         ("e4-mnist-normal", "E4-Net"), ("pdo-mnist-p8", "PDO-eConv"),
+                         ("nepdo-mnist-regular-fd", "Neural ePDO"), ("sep-se2-mnist-small", "Separable G-CNN")):
+        card = models.model_card(name)
+        E.append(Entry(name, "model", family, "", "eqkit", card.description, _model(name)))
+        if name == "pdo-mnist-p8":                   # the paper's head is not invariant; also measure an invariant one
+            E.append(Entry("pdo-mnist-p8-invhead", "model", family, "", "eqkit",
+                           "pdo-mnist-p8 with head='invariant' (group max-pool, spatial mean, linear) instead "
+                           "of the paper's dense 4x4 head", _model(name, head="invariant")))
+    return {e.name: e for e in E}
+
+
+ENTRIES = _entries()
+
+
+def list_entries(pattern: str = "*", *, kind: str | None = None, library: str | None = None) -> list[str]:
+    """Entry names matching a glob (comma-separated globs allowed), optionally one kind / library."""
+    pats = [p.strip() for p in pattern.split(",") if p.strip()]
+    names = [n for n, e in ENTRIES.items() if any(fnmatch.fnmatch(n, p) for p in pats)
+             and (kind is None or e.kind == kind) and (library is None or e.library == library)]
+    if not names:
+        raise ValueError(f"no benchmark entry matches {pattern!r}; entries: {', '.join(ENTRIES)}")
+    return names
+
+
+# ============================================================================ measurements
+def _exact_elements(G: Group):
+    return [g for g in G.elements if G.is_exact_on_grid(g)]
+
+
+def _digits(n: int, seed: int = 0) -> torch.Tensor:
+    from .sample import load_sample
+    imgs = load_sample()["images"]                                           # (N, 1, 28, 28)
+    idx = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return imgs[idx].float()
+
+
+def count_macs(module: nn.Module, x: torch.Tensor) -> dict:
+    """MACs per image of ``module`` on inputs shaped like ``x`` (batch ignored), and the batch-independent
+    MACs of building its kernels in a training step.
+
+    Convolutions, linear layers and matmuls are counted by ``FlopCounterMode`` (MACs = FLOPs / 2) in
+    train mode, at batch 1 and 2: the difference is the cost per image, the rest the kernel build.
+    The dynamic per-pixel aggregation of E4 and Neural ePDO layers (elementwise multiply-adds the
+    counter cannot see) is added per layer at its actual output size: ``channels x taps x H x W``.
+    """
+    from .layers.e4 import E4Conv
+    from .layers.epdo import NeuralEPDOConv
+
+    def counted(b):
+        dyn = [0]
+
+        def hook(mod, inp, out):
+            H, W = out.shape[-2:]
+            if isinstance(mod, E4Conv):
+                dyn[0] += out.shape[0] * mod.aggregation_macs(H, W)
+            else:                                              # NeuralEPDOConv: 5x5 taps per input channel
+                dyn[0] += out.shape[0] * mod.in_type.channels * 25 * H * W
+        hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (E4Conv, NeuralEPDOConv))]
+        was = module.training
+        module.train()
+        try:
+            # (with autograd on: FlopCounterMode's module tracker trips over escnn's modules under no_grad)
+            with FlopCounterMode(display=False) as counter:
+                module(x[:1].expand(b, *x.shape[1:]).contiguous())
+        finally:
+            module.train(was)
+            for h in hooks:
+                h.remove()
+        return counter.get_total_flops() // 2, dyn[0]
+
+    (c2, d2), (c3, _) = counted(2), counted(3)           # batch >= 2: batch norm in train mode needs it
+    per_image = c3 - c2
+    dyn = d2 // 2                                          # the hook adds one term per image
+    return {"macs": per_image + dyn, "macs_counted": per_image, "macs_dynamic": dyn,
+            "macs_kernel_build": c2 - 2 * per_image}
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device, repeats: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _peak(fn, device) -> int:
+    """Peak bytes allocated by torch while ``fn()`` runs, above what was allocated before."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from .complexity import memory_profile
+    with _quiet_stderr():                              # the profiler's C++ start/stop lines
+        return memory_profile(fn)[0]
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    import sys
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def throughput(module: nn.Module, x: torch.Tensor, *, repeats: int = 3, warmup: int = 1) -> dict:
+    """Images/s and peak memory of the forward pass (eval, no grad) and of forward + backward (train,
+    ``module(x).square().mean().backward()``), on ``x``'s device; medians of ``repeats`` runs."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    device, B = x.device, x.shape[0]
+
+    def fwd():
+        with torch.no_grad():
+            module(x)
+
+    def train_step():
+        module.zero_grad(set_to_none=True)
+        module(x).square().mean().backward()
+
+    module.eval()
+    tf = _timed(fwd, device, repeats, warmup)
+    peak_f = _peak(fwd, device)
+    module.train()
+    tt = _timed(train_step, device, repeats, warmup)
+    peak_t = _peak(train_step, device)
+    module.zero_grad(set_to_none=True)
+    module.eval()
+    mf, mt = statistics.median(tf), statistics.median(tt)
+    return {"batch": B, "fwd_s": mf, "fwd_img_s": B / mf, "fwd_times": tf, "fwd_peak_bytes": peak_f,
+            "train_s": mt, "train_img_s": B / mt, "train_times": tt, "train_peak_bytes": peak_t}
+
+
+def _field_input(t: FieldType, batch: int, size: int, device, seed: int = 0) -> torch.Tensor:
+    shape = (batch, t.n_fields) + (() if t.is_trivial else (t.dim,)) + (size, size)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def _error_block(entry: Entry, block: nn.Module, angles) -> dict:
+    G = block.in_type.group
+    if entry.kind == "model":
+        models.calibrate_batchnorm(block, _digits(64))
+    recs = error_vs_angle(block, angles)
+    exact = check(block, _exact_elements(G))
+    out = {"angles": [r.angle for r in recs], "error": [r.error for r in recs], "floor": [r.floor for r in recs],
+           "grid_elements": [repr(r.element) for r in exact], "grid_errors": [r.error for r in exact],
+           "max_grid_error": max(r.error for r in exact if r.element != G.identity)
+           if len(exact) > 1 else float("nan")}
+    at90 = [e for a, e in zip(out["angles"], out["error"]) if abs(a - 90) < 1e-9]
+    out["error_90"] = at90[0] if at90 else None
+    if G.flip:
+        rm = error_vs_angle(block, angles, mirror=True)
+        out["mirror_error"] = [r.error for r in rm]
+        out["mirror_floor"] = [r.floor for r in rm]
+    return out
+
+
+def _versions() -> dict:
+    v = {"torch": torch.__version__, "python": platform.python_version()}
+    if escnn_available():
+        import escnn
+        v["escnn"] = getattr(escnn, "__version__", "?")
+    return v
+
+
+def device_description(device: torch.device, threads: int) -> str:
+    """The device in words, e.g. ``"CPU: 2 cores (x86_64), 2 torch threads"``."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    return f"CPU: {os.cpu_count()} cores ({platform.machine()}), {threads} torch threads"
+
+
+def measure_entry(name: str, *, device: str | torch.device = "cpu", batch: int = 16, size: int = SIZE,
+                  width: int = WIDTH, kernel: int = KERNEL, angles=ANGLES, repeats: int = 3, warmup: int = 1,
+                  seed: int = 0) -> dict:
+    """Every measurement of one entry, as a JSON-ready dict (see the module docstring)."""
+    if name not in ENTRIES:
+        raise ValueError(f"unknown benchmark entry {name!r}; entries: {', '.join(ENTRIES)}")
+    e = ENTRIES[name]
+    if e.library == "escnn" and not escnn_available():
+        raise RuntimeError(f"{name} needs escnn, the optional 'compare' extra: run `make compare` "
+                           f"(installs gfortran if missing, then pip install -e '.[compare]')")
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    module, block = e.build(width, kernel)
+    build_s = time.perf_counter() - t0
+    res = {"name": name, "kind": e.kind, "family": e.family, "group": e.group or block.in_type.group.name,
+           "library": e.library, "description": e.description, "counterpart": e.counterpart,
+           "build_s": build_s, "params": sum(p.numel() for p in module.parameters() if p.requires_grad)}
+    t = time.perf_counter()
+    res["equivariance"] = _error_block(e, block, angles)              # CPU, float32, real digits
+    res["equivariance"]["seconds"] = time.perf_counter() - t
+    if e.kind == "model":
+        x = _field_input(module.in_type, batch, module.card.input_shape[-1], "cpu", seed)
+    else:
+        x = _field_input(module.in_type, batch, size, "cpu", seed)
+    res.update(count_macs(module, x[:2]))
+    module.to(device)
+    threads = torch.get_num_threads()
+    res["throughput"] = throughput(module, x.to(device), repeats=repeats, warmup=warmup)
+    res["device"] = device_description(device, threads)
+    res["threads"] = threads
+    from .complexity import load_average
+    res["load"] = load_average()
+    res["versions"] = _versions()
+    res["when"] = _dt.datetime.now().isoformat(timespec="seconds")
+    return res
+
+
+# ============================================================================ run, store, draw
+def _settings(**kw) -> dict:
+    kw["angles"] = list(kw["angles"])
+    kw["device"] = str(kw["device"])
+    return kw
+
+
+def _save_json(obj, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, default=float)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)                          # atomic: a reader sees the old file or the new one
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def load_results(out_dir: str | Path = OUT_DIR) -> list[dict]:
+    """Every entry's result in ``out_dir`` (``<entry>.json``), in the registry's order."""
+    out_dir = Path(out_dir)
+    res = []
+    for name in ENTRIES:
+        p = out_dir / f"{name}.json"
+        if p.exists():
+            res.append(json.loads(p.read_text()))
+    return res
+
+
+def run(pattern: str = "*", *, out_dir: str | Path = OUT_DIR, device: str = "cpu", batch: int | None = None,
+        size: int = SIZE, width: int = WIDTH, kernel: int = KERNEL, angles=ANGLES, repeats: int = 3,
+        warmup: int = 1, force: bool = False, figures: bool = True, log=print) -> dict:
+    """Measure every entry matching ``pattern`` into ``out_dir/<entry>.json`` (an entry already measured
+    with the same settings is kept unless ``force``), then write ``table.md`` and the figures from every
+    result in ``out_dir``.
+
+    escnn entries are skipped, with a note, when the ``compare`` extra is not installed.
+    Returns ``{"results": [...], "skipped": {...}, "failed": {...}, "files": [...]}``.
+    """
+    out_dir = Path(out_dir)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    batch = batch if batch is not None else (128 if dev.type == "cuda" else 16)
+    settings = _settings(device=device, batch=batch, size=size, width=width, kernel=kernel, angles=angles,
+                         repeats=repeats, warmup=warmup)
+    skipped, failed, t_all = {}, {}, time.perf_counter()
+    names = list_entries(pattern)
+    log(f"eqkit bench: {len(names)} entries -> {out_dir} ({device_description(dev, torch.get_num_threads())})")
+    for name in names:
+        path = out_dir / f"{name}.json"
+        if path.exists() and not force:
+            try:
+                old = json.loads(path.read_text())
+                if old.get("settings") == settings:
+                    log(f"  {name:24s} kept (measured {old.get('when')} on {old.get('device')}; --force re-measures)")
+                    continue
+            except (json.JSONDecodeError, OSError):
+                pass
+        if ENTRIES[name].library == "escnn" and not escnn_available():
+            skipped[name] = "escnn not installed (make compare)"
+            log(f"  {name:24s} skipped: escnn not installed (`make compare` installs the compare extra)")
+            continue
+        t = time.perf_counter()
+        try:
+            res = measure_entry(name, device=device, batch=batch, size=size, width=width, kernel=kernel,
+                                angles=angles, repeats=repeats, warmup=warmup)
+        except Exception as exc:                      # keep going; report every failure at the end
+            failed[name] = f"{type(exc).__name__}: {exc}"
+            log(f"  {name:24s} FAILED {failed[name]}")
+            continue
+        res["settings"] = settings
+        _save_json(res, path)
+        tp = res["throughput"]
+        log(f"  {name:24s} {time.perf_counter() - t:5.1f} s  err90 {_fmt_err(res['equivariance']['error_90'])}  "
+            f"fwd {tp['fwd_img_s']:8.1f} img/s  fwd+bwd {tp['train_img_s']:8.1f} img/s")
+    results = load_results(out_dir)                  # every entry measured so far, not only this call's
+    files = []
+    if results and figures:
+        files.append(_save_text(table_markdown(results) + "\n\n" + comparison_markdown(results),
+                                out_dir / "table.md"))
+        files.append(_save_fig(error_figure(results), out_dir / "error_vs_angle.png"))
+        files.append(_save_fig(speed_figure(results), out_dir / "throughput.png"))
+    log(f"done in {time.perf_counter() - t_all:.0f} s; {len(results)} results, {len(skipped)} skipped, "
+        f"{len(failed)} failed")
+    return {"results": results, "skipped": skipped, "failed": failed, "files": files}
+
+
+def _save_text(text: str, path: Path) -> Path:
+    from .complexity import save_text
+    return Path(save_text(text, path))
+
+
+def _save_fig(fig, path: Path) -> Path:
+    from .viz import save
+    save(fig, path)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
+
+
+def _fmt_err(e) -> str:
+    return "-" if e is None or (isinstance(e, float) and math.isnan(e)) else f"{e:.1e}"
+
+
+def _mb(b) -> str:
+    return f"{b / 2 ** 20:.1f}"
+
+
+def _macs(m) -> str:
+    return f"{m / 1e6:.1f}M" if m < 1e9 else f"{m / 1e9:.2f}G"
+
+
+def table_markdown(results: list[dict]) -> str:
+    """The README table: one row per entry, layers then models."""
+    by = {r["name"]: r for r in results}
+    devs = sorted({r["device"] for r in results})
+    st = sorted({json.dumps({k: v for k, v in r["settings"].items() if k != "angles"}, sort_keys=True)
+                 for r in results})
+    st = "; ".join(", ".join(f"{k} {v}" for k, v in json.loads(s).items()) for s in st)
+    lines = [f"Device: {'; '.join(devs)}. Settings: {st}. Layers at `width` channels (fields x |G|), "
+             f"`size` x `size` inputs, `kernel` x `kernel` kernels; models at 28x28 with their own widths.", "",
+             "| entry | family | group | params | MACs/img | err 90° | max err 0–360° (floor) | fwd img/s | "
+             "fwd+bwd img/s | peak MB fwd / fwd+bwd | vs escnn fwd+bwd |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for kind in ("layer", "model"):
+        for r in (r for r in results if r["kind"] == kind):
+            eq, tp = r["equivariance"], r["throughput"]
+            worst = max(range(len(eq["error"])), key=lambda i: eq["error"][i])
+            ratio = "-"
+            c = by.get(r.get("counterpart") or "")
+            if c is not None and c["device"] == r["device"]:
+                ratio = f"{c['throughput']['train_img_s'] / tp['train_img_s']:.2f}x time"
+            lines.append(
+                f"| {r['name']} | {r['family']} | {r['group']} | {r['params']:,} | {_macs(r['macs'])} | "
+                f"{_fmt_err(eq['error_90'])} | {_fmt_err(eq['error'][worst])} at {eq['angles'][worst]:.0f}° "
+                f"({_fmt_err(eq['floor'][worst])}) | {tp['fwd_img_s']:.0f} | {tp['train_img_s']:.0f} | "
+                f"{_mb(tp['fwd_peak_bytes'])} / {_mb(tp['train_peak_bytes'])} | {ratio} |")
+    lines += ["", "err: relative error ||f(g.x) - g.f(x)|| / ||g.f(x)|| on real digits (float32; layers: "
+              "lift -> ReLU -> layer; models: logits, batch-norm calibrated); floor: the same rotation applied "
+              "to an identity map (feature maps) or the error against a 4x supersampled rotation (logits). "
+              "'vs escnn': the kit layer's fwd+bwd time over escnn R2Conv's at the same fields and kernel size."]
+    return "\n".join(lines)
+
+
+def comparison_markdown(results: list[dict]) -> str:
+    """The kit's regular group convs beside escnn ``R2Conv`` at the same fields and kernel size."""
+    by = {r["name"]: r for r in results}
+    lines = ["| group | eqkit fwd+bwd img/s | escnn fwd+bwd img/s | eqkit time / escnn time | eqkit fwd img/s | "
+             "escnn fwd img/s | err 90° eqkit | err 90° escnn | max err 0–360° eqkit / escnn | params eqkit / escnn |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        c = by.get(r.get("counterpart") or "")
+        if c is None:
+            continue
+        a, b = r["throughput"], c["throughput"]
+        ea, eb = r["equivariance"], c["equivariance"]
+        lines.append(f"| {r['group']} | {a['train_img_s']:.0f} | {b['train_img_s']:.0f} | "
+                     f"{b['train_img_s'] / a['train_img_s']:.2f} | {a['fwd_img_s']:.0f} | {b['fwd_img_s']:.0f} | "
+                     f"{_fmt_err(ea['error_90'])} | {_fmt_err(eb['error_90'])} | {_fmt_err(max(ea['error']))} / "
+                     f"{_fmt_err(max(eb['error']))} | {r['params']:,} / {c['params']:,} |")
+    if len(lines) == 2:
+        return "(no eqkit / escnn pair measured: `make compare`, then `python -m kit bench`)"
+    return "\n".join(lines)
+
+
+def _style(r):
+    return dict(ls="--" if r["library"] == "escnn" else "-", lw=1.4)
+
+
+def error_figure(results: list[dict]):
+    """Equivariance error vs rotation angle, 0-360 degrees: G-CNN layers beside escnn, the family
+    layers, and the models; dotted lines are each entry's interpolation floor."""
+    import matplotlib.pyplot as plt
+
+    panels = [("G-CNN layers: eqkit (solid) vs escnn R2Conv (dashed)",
+               lambda r: r["kind"] == "layer" and (r["family"] in ("G-CNN", "escnn R2Conv", "CNN baseline"))),
+              ("one layer per family (lift -> ReLU -> layer)",
+               lambda r: r["kind"] == "layer" and r["library"] == "eqkit" and r["name"] not in
+               ("p4m-gconv", "p8-gconv", "c16-gconv")),
+              ("models (logits; dotted: 4x supersampled-rotation floor)", lambda r: r["kind"] == "model")]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), sharey=True)
+    colors = {}
+    cmap = plt.get_cmap("tab10")
+    for ax, (title, keep) in zip(axes, panels):
+        for r in filter(keep, results):
+            key = r["group"] if r["family"] in ("G-CNN", "escnn R2Conv") and r["kind"] == "layer" else r["name"]
+            c = colors.setdefault(key, cmap(len(colors) % 10))
+            eq = r["equivariance"]
+            err = [max(e, 1e-9) for e in eq["error"]]
+            ax.semilogy(eq["angles"], err, color=c, label=f"{r['name']} ({r['group']})", **_style(r))
+            if r["library"] == "eqkit":
+                ax.semilogy(eq["angles"], [max(f, 1e-9) for f in eq["floor"]], color=c, ls=":", lw=0.9)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("rotation (degrees, counter-clockwise)")
+        ax.set_xticks(range(0, 361, 45))
+        ax.axhline(1e-5, color="k", lw=0.6, alpha=0.5)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right", ncol=2)
+    axes[0].set_ylabel("relative equivariance error")
+    dev = "; ".join(sorted({r["device"] for r in results}))
+    fig.suptitle(f"Equivariance error vs angle (5° steps; black line: 1e-5)  —  {dev}", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def speed_figure(results: list[dict]):
+    """Throughput (forward, forward + backward) and peak memory per entry, layers and models."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(2, 2, figsize=(15, 9), gridspec_kw={"width_ratios": [1.5, 1]})
+    for row, kind in enumerate(("layer", "model")):
+        rs = [r for r in results if r["kind"] == kind]
+        if not rs:
+            for ax in axes[row]:
+                ax.set_visible(False)
+            continue
+        y = np.arange(len(rs))
+        names = [f"{r['name']} ({r['group']})" for r in rs]
+        ax = axes[row, 0]
+        ax.barh(y - 0.2, [r["throughput"]["fwd_img_s"] for r in rs], 0.4, label="forward (eval)")
+        ax.barh(y + 0.2, [r["throughput"]["train_img_s"] for r in rs], 0.4, label="forward + backward (train)")
+        ax.set_yticks(y, names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("images / s (log)")
+        ax.set_title(f"{kind}s: throughput, batch {rs[0]['throughput']['batch']}", fontsize=10)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="x")
+        for i, r in enumerate(rs):
+            if r["library"] == "escnn":
+                ax.get_yticklabels()[i].set_color("tab:red")
+        ax = axes[row, 1]
+        ax.barh(y - 0.2, [r["throughput"]["fwd_peak_bytes"] / 2 ** 20 for r in rs], 0.4, label="forward")
+        ax.barh(y + 0.2, [r["throughput"]["train_peak_bytes"] / 2 ** 20 for r in rs], 0.4, label="forward + backward")
+        ax.set_yticks(y, [""] * len(rs))
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("peak memory (MiB, log)")
+        ax.set_title(f"{kind}s: peak memory", fontsize=10)
+        ax.grid(alpha=0.3, axis="x")
+    dev = "; ".join(sorted({r["device"] for r in results}))
+    fig.suptitle(f"Throughput and memory — {dev} (escnn entries in red)", fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+# ============================================================================ command line
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kit bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="*", help="glob(s) over entry names, comma-separated (default: all)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--batch", type=int, default=None, help="batch for throughput (default: 16 on CPU, 128 on GPU)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median; default 3)")
+    p.add_argument("--step", type=float, default=5, help="angle step of the error curves, degrees (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
+    p.add_argument("--out", default=str(OUT_DIR), help="output folder (default: figures/bench)")
+    p.add_argument("--force", action="store_true", help="re-measure entries already measured")
+    p.add_argument("--list", action="store_true", help="list the entries and exit")
+    a = p.parse_args(argv)
+    if a.list:
+        for n, e in ENTRIES.items():
+            print(f"{n:24s} {e.kind:6s} {e.library:6s} {e.family:16s} {e.description}")
+        return 0
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    res = run(a.only, out_dir=a.out, device=a.device, batch=a.batch, repeats=a.repeats, force=a.force,
+              angles=angles(a.step))
+    for f in res["files"]:
+        print(f"  wrote {f}")
+    return 1 if res["failed"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
