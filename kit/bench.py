@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime as _dt
 import fnmatch
 import json
@@ -59,7 +60,7 @@ from .groups import Group, cyclic, dihedral
 from .layers.base import EquivariantModule, EquivariantSequential, FieldReLU
 
 __all__ = ["Entry", "ENTRIES", "angles", "list_entries", "escnn_available", "EscnnBlock", "count_macs", "throughput",
-           "measure_entry", "run", "load_results", "table_markdown", "comparison_markdown", "error_figure", "speed_figure", "main"]
+           "measure_entry", "paired_ratio", "run", "load_results", "table_markdown", "comparison_markdown", "error_figure", "speed_figure", "main"]
 
 REPO = Path(__file__).resolve().parent.parent
 OUT_DIR = REPO / "figures" / "bench"
@@ -378,7 +379,7 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def throughput(module: nn.Module, x: torch.Tensor, *, repeats: int = 3, warmup: int = 1) -> dict:
+def throughput(module: nn.Module, x: torch.Tensor, *, repeats: int = 7, warmup: int = 2) -> dict:
     """Images/s and peak memory of the forward pass (eval, no grad) and of forward + backward (train,
     ``module(x).square().mean().backward()``), on ``x``'s device; medians of ``repeats`` runs."""
     if repeats < 1 or warmup < 0:
@@ -406,6 +407,53 @@ def throughput(module: nn.Module, x: torch.Tensor, *, repeats: int = 3, warmup: 
             "train_s": mt, "train_img_s": B / mt, "train_times": tt, "train_peak_bytes": peak_t}
 
 
+def _warm_up(device: torch.device, seconds: float = 1.0):
+    """Run convolutions for about ``seconds`` first, so the first entry is not timed on a cold CPU /
+    cold oneDNN or cuDNN caches (the first entry measured 35 % slow without it)."""
+    conv = nn.Conv2d(64, 64, 5, padding=2).to(device)
+    x = torch.randn(16, 64, 28, 28, device=device)
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        conv(x).sum().backward()
+    _sync(device)
+
+
+def paired_ratio(a: nn.Module, b: nn.Module, x: torch.Tensor, *, rounds: int = 9, warmup: int = 2) -> dict:
+    """Time ``a`` over time ``b`` on the same input, measured in alternation (a b, b a, a b, ...) so
+    that a drift of the machine's speed hits both alike: the median over ``rounds`` of the per-round
+    ratio, for the forward pass (eval, no grad) and for forward + backward (train)."""
+    device = x.device
+
+    def fwd(m):
+        with torch.no_grad():
+            m(x)
+
+    def step(m):
+        m.zero_grad(set_to_none=True)
+        m(x).square().mean().backward()
+
+    out = {}
+    for key, fn, mode in (("fwd", fwd, False), ("train", step, True)):
+        a.train(mode), b.train(mode)
+        for _ in range(warmup):
+            fn(a), fn(b)
+        ratios = []
+        for i in range(rounds):
+            t = {}
+            for m in ((a, b) if i % 2 == 0 else (b, a)):
+                _sync(device)
+                t0 = time.perf_counter()
+                fn(m)
+                _sync(device)
+                t[id(m)] = time.perf_counter() - t0
+            ratios.append(t[id(a)] / t[id(b)])
+        out[f"{key}_time_ratio"] = statistics.median(ratios)
+        out[f"{key}_ratios"] = ratios
+    a.zero_grad(set_to_none=True), b.zero_grad(set_to_none=True)
+    a.eval(), b.eval()
+    return out
+
+
 def _field_input(t: FieldType, batch: int, size: int, device, seed: int = 0) -> torch.Tensor:
     shape = (batch, t.n_fields) + (() if t.is_trivial else (t.dim,)) + (size, size)
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
@@ -421,6 +469,11 @@ def _error_block(entry: Entry, block: nn.Module, angles) -> dict:
            "grid_elements": [repr(r.element) for r in exact], "grid_errors": [r.error for r in exact],
            "max_grid_error": max(r.error for r in exact if r.element != G.identity)
            if len(exact) > 1 else float("nan")}
+    # the same elements in float64: what is left is the construction itself, not float32 rounding. A deep
+    # copy, because escnn shares basis-expansion modules between layers of equal type (a cache)
+    others = [g for g in _exact_elements(G) if g != G.identity]
+    if others:
+        out["max_grid_error_f64"] = max(r.error for r in check(copy.deepcopy(block).double(), others))
     at90 = [e for a, e in zip(out["angles"], out["error"]) if abs(a - 90) < 1e-9]
     out["error_90"] = at90[0] if at90 else None
     if G.flip:
@@ -446,7 +499,7 @@ def device_description(device: torch.device, threads: int) -> str:
 
 
 def measure_entry(name: str, *, device: str | torch.device = "cpu", batch: int = 16, size: int = SIZE,
-                  width: int = WIDTH, kernel: int = KERNEL, angles=ANGLES, repeats: int = 3, warmup: int = 1,
+                  width: int = WIDTH, kernel: int = KERNEL, angles=ANGLES, repeats: int = 7, warmup: int = 2,
                   seed: int = 0) -> dict:
     """Every measurement of one entry, as a JSON-ready dict (see the module docstring)."""
     if name not in ENTRIES:
@@ -474,6 +527,10 @@ def measure_entry(name: str, *, device: str | torch.device = "cpu", batch: int =
     module.to(device)
     threads = torch.get_num_threads()
     res["throughput"] = throughput(module, x.to(device), repeats=repeats, warmup=warmup)
+    if e.counterpart and escnn_available():           # the same fields and kernel size in escnn, timed in turn
+        other, _ = ENTRIES[e.counterpart].build(width, kernel)
+        res["vs_counterpart"] = {"name": e.counterpart,
+                                 **paired_ratio(module, other.to(device), x.to(device), rounds=max(repeats, 5))}
     res["device"] = device_description(device, threads)
     res["threads"] = threads
     from .complexity import load_average
@@ -517,8 +574,8 @@ def load_results(out_dir: str | Path = OUT_DIR) -> list[dict]:
 
 
 def run(pattern: str = "*", *, out_dir: str | Path = OUT_DIR, device: str = "cpu", batch: int | None = None,
-        size: int = SIZE, width: int = WIDTH, kernel: int = KERNEL, angles=ANGLES, repeats: int = 3,
-        warmup: int = 1, force: bool = False, figures: bool = True, log=print) -> dict:
+        size: int = SIZE, width: int = WIDTH, kernel: int = KERNEL, angles=ANGLES, repeats: int = 7,
+        warmup: int = 2, force: bool = False, figures: bool = True, log=print) -> dict:
     """Measure every entry matching ``pattern`` into ``out_dir/<entry>.json`` (an entry already measured
     with the same settings is kept unless ``force``), then write ``table.md`` and the figures from every
     result in ``out_dir``.
@@ -536,6 +593,7 @@ def run(pattern: str = "*", *, out_dir: str | Path = OUT_DIR, device: str = "cpu
     skipped, failed, t_all = {}, {}, time.perf_counter()
     names = list_entries(pattern)
     log(f"eqkit bench: {len(names)} entries -> {out_dir} ({device_description(dev, torch.get_num_threads())})")
+    _warm_up(dev)
     for name in names:
         path = out_dir / f"{name}.json"
         if path.exists() and not force:
@@ -609,44 +667,51 @@ def table_markdown(results: list[dict]) -> str:
     st = "; ".join(", ".join(f"{k} {v}" for k, v in json.loads(s).items()) for s in st)
     lines = [f"Device: {'; '.join(devs)}. Settings: {st}. Layers at `width` channels (fields x |G|), "
              f"`size` x `size` inputs, `kernel` x `kernel` kernels; models at 28x28 with their own widths.", "",
-             "| entry | family | group | params | MACs/img | err 90° | max err 0–360° (floor) | fwd img/s | "
-             "fwd+bwd img/s | peak MB fwd / fwd+bwd | vs escnn fwd+bwd |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| entry | family | group | params | MACs/img | err 90° | grid err f64 | max err 0–360° (floor) | "
+             "fwd img/s | fwd+bwd img/s | peak MB fwd / fwd+bwd | vs escnn fwd+bwd |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for kind in ("layer", "model"):
         for r in (r for r in results if r["kind"] == kind):
             eq, tp = r["equivariance"], r["throughput"]
             worst = max(range(len(eq["error"])), key=lambda i: eq["error"][i])
             ratio = "-"
-            c = by.get(r.get("counterpart") or "")
-            if c is not None and c["device"] == r["device"]:
-                ratio = f"{c['throughput']['train_img_s'] / tp['train_img_s']:.2f}x time"
+            if r.get("vs_counterpart"):
+                ratio = f"{r['vs_counterpart']['train_time_ratio']:.2f}x time"
             lines.append(
                 f"| {r['name']} | {r['family']} | {r['group']} | {r['params']:,} | {_macs(r['macs'])} | "
-                f"{_fmt_err(eq['error_90'])} | {_fmt_err(eq['error'][worst])} at {eq['angles'][worst]:.0f}° "
+                f"{_fmt_err(eq['error_90'])} | {_fmt_err(eq.get('max_grid_error_f64'))} | "
+                f"{_fmt_err(eq['error'][worst])} at {eq['angles'][worst]:.0f}° "
                 f"({_fmt_err(eq['floor'][worst])}) | {tp['fwd_img_s']:.0f} | {tp['train_img_s']:.0f} | "
                 f"{_mb(tp['fwd_peak_bytes'])} / {_mb(tp['train_peak_bytes'])} | {ratio} |")
     lines += ["", "err: relative error ||f(g.x) - g.f(x)|| / ||g.f(x)|| on real digits (float32; layers: "
               "lift -> ReLU -> layer; models: logits, batch-norm calibrated); floor: the same rotation applied "
               "to an identity map (feature maps) or the error against a 4x supersampled rotation (logits). "
-              "'vs escnn': the kit layer's fwd+bwd time over escnn R2Conv's at the same fields and kernel size."]
+              "grid err f64: the largest error over the grid-exact elements other than the identity (multiples "
+              "of 90°, mirrors for D4), the module in float64. "
+              "'vs escnn': the kit layer's fwd+bwd time over escnn R2Conv's at the same fields and kernel size, "
+              "median of per-round ratios with the two timed in alternation."]
     return "\n".join(lines)
 
 
 def comparison_markdown(results: list[dict]) -> str:
     """The kit's regular group convs beside escnn ``R2Conv`` at the same fields and kernel size."""
     by = {r["name"]: r for r in results}
-    lines = ["| group | eqkit fwd+bwd img/s | escnn fwd+bwd img/s | eqkit time / escnn time | eqkit fwd img/s | "
-             "escnn fwd img/s | err 90° eqkit | err 90° escnn | max err 0–360° eqkit / escnn | params eqkit / escnn |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| group | eqkit / escnn time, fwd+bwd | eqkit / escnn time, fwd | fwd+bwd img/s eqkit / escnn | "
+             "err 90° eqkit / escnn (float32) | grid err eqkit / escnn (float64) | max err 0–360° eqkit / escnn | "
+             "params eqkit / escnn |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         c = by.get(r.get("counterpart") or "")
-        if c is None:
+        v = r.get("vs_counterpart")
+        if c is None or v is None:
             continue
         a, b = r["throughput"], c["throughput"]
         ea, eb = r["equivariance"], c["equivariance"]
-        lines.append(f"| {r['group']} | {a['train_img_s']:.0f} | {b['train_img_s']:.0f} | "
-                     f"{b['train_img_s'] / a['train_img_s']:.2f} | {a['fwd_img_s']:.0f} | {b['fwd_img_s']:.0f} | "
-                     f"{_fmt_err(ea['error_90'])} | {_fmt_err(eb['error_90'])} | {_fmt_err(max(ea['error']))} / "
+        lines.append(f"| {r['group']} | {v['train_time_ratio']:.2f} | {v['fwd_time_ratio']:.2f} | "
+                     f"{a['train_img_s']:.0f} / {b['train_img_s']:.0f} | "
+                     f"{_fmt_err(ea['error_90'])} / {_fmt_err(eb['error_90'])} | "
+                     f"{_fmt_err(ea.get('max_grid_error_f64'))} / {_fmt_err(eb.get('max_grid_error_f64'))} | "
+                     f"{_fmt_err(max(ea['error']))} / "
                      f"{_fmt_err(max(eb['error']))} | {r['params']:,} / {c['params']:,} |")
     if len(lines) == 2:
         return "(no eqkit / escnn pair measured: `make compare`, then `python -m kit bench`)"
@@ -655,6 +720,11 @@ def comparison_markdown(results: list[dict]) -> str:
 
 def _style(r):
     return dict(ls="--" if r["library"] == "escnn" else "-", lw=1.4)
+
+
+def _color_key(r):
+    """One colour per group for the G-CNN / escnn layers (so a pair shares it), else one per entry."""
+    return r["group"] if r["family"] in ("G-CNN", "escnn R2Conv") and r["kind"] == "layer" else r["name"]
 
 
 def error_figure(results: list[dict]):
@@ -669,12 +739,12 @@ def error_figure(results: list[dict]):
                ("p4m-gconv", "p8-gconv", "c16-gconv")),
               ("models (logits; dotted: 4x supersampled-rotation floor)", lambda r: r["kind"] == "model")]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), sharey=True)
-    colors = {}
     cmap = plt.get_cmap("tab10")
     for ax, (title, keep) in zip(axes, panels):
-        for r in filter(keep, results):
-            key = r["group"] if r["family"] in ("G-CNN", "escnn R2Conv") and r["kind"] == "layer" else r["name"]
-            c = colors.setdefault(key, cmap(len(colors) % 10))
+        shown = list(filter(keep, results))
+        colors = {k: cmap(i % 10) for i, k in enumerate(dict.fromkeys(map(_color_key, shown)))}  # per panel
+        for r in shown:
+            c = colors[_color_key(r)]
             eq = r["equivariance"]
             err = [max(e, 1e-9) for e in eq["error"]]
             ax.semilogy(eq["angles"], err, color=c, label=f"{r['name']} ({r['group']})", **_style(r))
@@ -742,7 +812,7 @@ def main(argv=None) -> int:
     p.add_argument("--only", default="*", help="glob(s) over entry names, comma-separated (default: all)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--batch", type=int, default=None, help="batch for throughput (default: 16 on CPU, 128 on GPU)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median; default 3)")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs per measurement (median; default 7)")
     p.add_argument("--step", type=float, default=5, help="angle step of the error curves, degrees (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: torch's)")
     p.add_argument("--out", default=str(OUT_DIR), help="output folder (default: figures/bench)")
