@@ -42,7 +42,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -548,18 +547,8 @@ def _settings(**kw) -> dict:
 
 
 def _save_json(obj, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=float)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)                          # atomic: a reader sees the old file or the new one
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Atomic: a reader sees the old file or the new one (kit.complexity.save_text)."""
+    return _save_text(json.dumps(obj, indent=1, default=float), path)
 
 
 def load_results(out_dir: str | Path = OUT_DIR) -> list[dict]:
@@ -786,7 +775,6 @@ def speed_figure(results: list[dict]):
         ax.set_xscale("log")
         ax.set_xlabel("images / s (log)")
         ax.set_title(f"{kind}s: throughput, batch {rs[0]['throughput']['batch']}", fontsize=10)
-        ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="x")
         for i, r in enumerate(rs):
             if r["library"] == "escnn":
@@ -802,7 +790,10 @@ def speed_figure(results: list[dict]):
         ax.grid(alpha=0.3, axis="x")
     dev = "; ".join(sorted({r["device"] for r in results}))
     fig.suptitle(f"Throughput and memory — {dev} (escnn entries in red)", fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    handles, labels = next(ax for ax in axes[:, 0] if ax.get_visible()).get_legend_handles_labels()
+    fig.legend(handles, labels,
+               loc="upper left", ncol=2, fontsize=9, frameon=False)     # above the bars, never on them
     return fig
 
 
