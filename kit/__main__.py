@@ -6,6 +6,8 @@
     report      gather a sweep into markdown + CSV + a figure: python -m kit report quick
     bench       one benchmark across all families beside escnn: python -m kit bench [--only GLOB] [--device cuda]
                 (python -m kit bench --help for its options)
+    check       grid-exact equivariance of registered models, float32 error beside its round-off floor
+                and the float64 error: python -m kit check "nepdo-*" [--seeds 0 1] [--set method=rbffd]
 """
 from __future__ import annotations
 
@@ -67,6 +69,42 @@ def _report(args) -> int:
     return 0
 
 
+def _check(args) -> int:
+    import ast
+    import json
+
+    from .complexity import save_text
+    from .equivariance import precision_markdown, precision_report
+    from .models import list_models
+
+    overrides = {}
+    for item in args.set:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"--set expects KEY=VALUE (a Python literal, or a bare string), got {item!r}")
+        try:
+            overrides[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            overrides[k] = v
+    names = [n for pat in args.models for n in (list_models(pat) or [None]) if n] if args.models else []
+    missing = [pat for pat in args.models if not list_models(pat)]
+    if missing:
+        raise SystemExit(f"no registered model matches {missing}; see kit.models.list_models()")
+    rows = []
+    for n in dict.fromkeys(names):
+        t = time.time()
+        part = precision_report(n, seeds=args.seeds, overrides=overrides, batch=args.batch)
+        rows += part
+        for r in part:
+            print(f"  {n:28s} seed {r['seed']}: err f32 {r['error_f32']:.2e}  round-off {r['roundoff']:.2e}  "
+                  f"err f64 {r['error_f64']:.1e}  ({time.time() - t:.0f} s)", flush=True)
+    print(precision_markdown(rows, target=args.target))
+    if args.json:
+        save_text(json.dumps(rows, indent=1), args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:                  # its own argument parser (kit/bench.py)
@@ -102,6 +140,16 @@ def main(argv=None) -> int:
     rr.add_argument("--out", default=None, help="output folder (default: the sweep folder)")
     rr.set_defaults(func=_report)
     sub.add_parser("bench", help="one benchmark across all families beside escnn (python -m kit bench --help)")
+    cp = sub.add_parser("check", help="grid-exact equivariance of registered models: float32 error, its round-off "
+                                      "floor, float64 error")
+    cp.add_argument("models", nargs="+", help="registered model names or globs, e.g. 'nepdo-*'")
+    cp.add_argument("--seeds", type=int, nargs="+", default=[0], help="initialisation seeds (default 0)")
+    cp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="constructor override, e.g. --set method=rbffd --set stencil_kw=None")
+    cp.add_argument("--batch", type=int, default=8, help="digits measured (default 8)")
+    cp.add_argument("--target", type=float, default=None, help="mark float32 errors above this value")
+    cp.add_argument("--json", default=None, help="also write the rows to this JSON file (atomically)")
+    cp.set_defaults(func=_check)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -3,7 +3,8 @@
 * :func:`check` — relative error ``||f(g.x) - g.f(x)|| / ||g.f(x)||`` for every group element
   (exact actions: ``rot90`` / ``flip`` and field-axis permutations), measured inside a centred
   disk so that corners do not count. Exactly equivariant layers give float noise (<= 1e-5 in
-  float32); a plain CNN gives O(1).
+  float32); a plain CNN gives O(1). With ``roundoff=True`` each record also carries the float
+  round-off ``floor`` of that measurement (below): how much of the error rounding alone explains.
 * :func:`error_vs_angle` — for any angle, on or off the group grid. The input is rotated by
   interpolation; the output is rotated back and compared. Each record carries the layer's
   ``error`` **and** the interpolation ``floor``: the same measurement with the same resampling but
@@ -21,12 +22,23 @@
     exactly invariant model would show ``||f(R_t x) - f(true rotated x)||``; the floor estimates
     it with the best rotation available, i.e. the share of the error owed to resampling.
 
+Round-off floor (``check(..., roundoff=True)``). With ``F`` the module in float64 (a deep copy),
+the float32 error splits exactly into two round-off terms and the float64 error::
+
+    f(g.x) - g.f(x) = [f(g.x) - F(g.x)] - g.[f(x) - F(x)] + [F(g.x) - g.F(x)]
+
+so ``error <= floor + error_f64`` with ``floor = (||f(g.x) - F(g.x)|| + ||g.[f(x) - F(x)]||) /
+||g.f(x)||``. When the float64 error is negligible (an exact construction: ~1e-14), the float32
+error is rounding, bounded by ``floor``; a deep float32 network cannot show less than its own
+round-off unless its arithmetic happens to be bitwise symmetric.
+
 The default input is a batch of real rotated digits from the bundled MNIST sample
 (:mod:`kit.sample`), masked to the centred disk so no content leaves the frame when rotated.
 Modules are measured in eval mode, without gradients; their mode is restored afterwards.
 """
 from __future__ import annotations
 
+import copy
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -37,13 +49,15 @@ import torch.nn as nn
 from .fields import FieldType
 from .groups import Element, act_on_image, disk_mask
 
-__all__ = ["Record", "check", "error_vs_angle", "default_input", "max_error", "records_table",
+__all__ = ["Record", "check", "float64_twin", "precision_report", "precision_markdown", "error_vs_angle", "default_input", "max_error", "records_table",
            "reference_rotation"]
 
 
 @dataclass
 class Record:
-    """One measurement: the element (None off the group grid), its angle, the relative error."""
+    """One measurement: the element (None off the group grid), its angle, the relative error and,
+    where measured, its floor (interpolation floor in :func:`error_vs_angle`, float round-off floor
+    in :func:`check` with ``roundoff=True``)."""
 
     element: Element | None
     angle: float          # degrees, counter-clockwise
@@ -99,14 +113,34 @@ def default_input(in_type: FieldType, *, size: int = 28, batch: int = 2, seed: i
     return x.reshape(shape)
 
 
+def _norm(t: torch.Tensor, spatial: bool) -> float:
+    """``||t||`` in float64, inside the centred disk for spatial tensors."""
+    t = t.double()
+    if spatial:
+        t = t * disk_mask(*t.shape[-2:], device=t.device).to(t.dtype)
+    return t.norm().item()
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor, spatial: bool) -> float:
     """``||a - b|| / ||b||`` (inside the centred disk for spatial tensors), in float64."""
-    a, b = a.double(), b.double()
-    if spatial:
-        m = disk_mask(*a.shape[-2:], device=a.device).to(a.dtype)
-        a, b = a * m, b * m
-    den = b.norm().item()
-    return (a - b).norm().item() / den if den > 0 else float("nan")
+    den = _norm(b, spatial)
+    return _norm(a.double() - b.double(), spatial) / den if den > 0 else float("nan")
+
+
+def float64_twin(module: nn.Module) -> nn.Module:
+    """A float64 deep copy of ``module`` in eval mode: the reference for round-off measurements.
+    Raises when the parameters already are float64 (buffers may be: some layers keep their solved
+    bases in float64).
+
+    A deep copy, so the module itself is untouched (and libraries that share sub-modules between
+    layers, such as escnn's basis expansions, are not converted behind the module's back)."""
+    dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    if not dtypes:                                  # parameter-free: judge by the floating buffers
+        dtypes = {b.dtype for b in module.buffers() if b.is_floating_point()}
+    if torch.float64 in dtypes:
+        raise ValueError(f"a round-off floor needs a lower-precision module to compare with float64; "
+                         f"{type(module).__name__} already has float64 parameters (dtypes {sorted(map(str, dtypes))})")
+    return copy.deepcopy(module).double().eval()
 
 
 def _input(module, x):
@@ -121,26 +155,39 @@ def _input(module, x):
 
 # --------------------------------------------------------------------------- the API
 def check(module: nn.Module, elements: list[Element] | None = None, x: torch.Tensor | None = None,
-          *, batch_elements: int = 8) -> list[Record]:
+          *, batch_elements: int = 8, roundoff: bool = False) -> list[Record]:
     """Relative equivariance error of ``module`` at each group element (default: all of them).
 
     ``x`` defaults to real digits (:func:`default_input`). Transformed inputs are batched
-    ``batch_elements`` elements at a time.
+    ``batch_elements`` elements at a time. ``roundoff=True`` also runs a float64 copy of the module
+    (:func:`float64_twin`, about twice the cost) on the same inputs and fills each record's
+    ``floor`` with the round-off bound of the module docstring: ``error <= floor + error_f64``.
     """
     in_type, out_type = _types(module)
     G = in_type.group
     elements = G.elements if elements is None else list(elements)
     x = _input(module, x)
+    twin = float64_twin(module) if roundoff else None
+    sp = out_type.spatial
     records = []
     with _evaluating(module):
         y = module(x)
+        dy = y.double() - twin(x.double()) if roundoff else None                  # f(x) - F(x)
         B = x.shape[0]
         for s in range(0, len(elements), batch_elements):
             chunk = elements[s:s + batch_elements]
-            ys = module(torch.cat([in_type.transform(x, g) for g in chunk]))      # f(g.x), stacked
+            xs = torch.cat([in_type.transform(x, g) for g in chunk])
+            ys = module(xs)                                                       # f(g.x), stacked
+            dys = ys.double() - twin(xs.double()) if roundoff else None           # f(g.x) - F(g.x)
             for i, g in enumerate(chunk):
-                err = _rel(ys[i * B:(i + 1) * B], out_type.transform(y, g), out_type.spatial)
-                records.append(Record(g, G.degrees(g), bool(g.f), err))
+                gy = out_type.transform(y, g)
+                err = _rel(ys[i * B:(i + 1) * B], gy, sp)
+                floor = None
+                if roundoff:
+                    den = _norm(gy, sp)
+                    floor = (_norm(dys[i * B:(i + 1) * B], sp) + _norm(out_type.transform(dy, g), sp)) / den \
+                        if den > 0 else float("nan")
+                records.append(Record(g, G.degrees(g), bool(g.f), err, floor))
     return records
 
 
@@ -212,3 +259,59 @@ def records_table(records: list[Record]) -> str:
         el = repr(r.element) if r.element is not None else "-"
         lines.append(f"{el:>18} {r.angle:7.1f} {str(r.mirror):>6} {r.error:10.2e} {floor}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- registry models, float32 vs float64
+def precision_report(name: str, *, seeds=(0,), overrides: dict | None = None, batch: int = 8,
+                     calibrate: int = 64) -> list[dict]:
+    """The grid-exact equivariance of a registered model, split into rounding and construction.
+
+    For each seed: the model is built (``kit.models.create(name, **overrides)``), its batch norms
+    calibrated on ``calibrate`` inputs of real digits and measured on ``batch`` others
+    (:func:`default_input` at the model card's input size; C-channel inputs take C digits) at every
+    grid-exact element but the identity of the output's group (multiples of 90 degrees, mirrors
+    for dihedral groups; a D16 model restricted to C16 is measured at the rotations only):
+    ``error_f32`` (the largest float32 error), ``roundoff`` (the largest round-off floor of
+    :func:`check`), ``forward_roundoff`` (how far the float32 output for the *unrotated* input is
+    from the float64 one) and ``error_f64`` (the same measurement with the model in float64).
+    """
+    from . import models
+    from .sample import load_sample
+
+    n_digits = load_sample()["images"].shape[0]
+    rows = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        m = models.create(name, **(overrides or {}))
+        t, size = m.in_type, m.card.input_shape[-1]
+        for what, n in (("calibrate", calibrate), ("batch", batch)):
+            if not 1 <= n * t.channels <= n_digits:
+                raise ValueError(f"{what}={n} inputs of {t.channels} channel(s) need 1..{n_digits} bundled "
+                                 f"digits, got {n * t.channels}")
+        models.calibrate_batchnorm(m, default_input(t, size=size, batch=calibrate, seed=1))
+        G = m.out_type.group          # the symmetry left at the output (D16|5C16: C16, no mirrors)
+        els = [g for g in G.elements if G.is_exact_on_grid(g) and g != G.identity]
+        x = default_input(t, size=size, batch=batch, seed=0)
+        recs = check(m, els, x, roundoff=True)
+        twin = float64_twin(m)
+        with torch.no_grad():
+            fwd = _rel(m(x), twin(x.double()), False)
+        rows.append({"name": name, "overrides": dict(overrides or {}), "seed": seed,
+                     "params": sum(p.numel() for p in m.parameters() if p.requires_grad),
+                     "error_f32": max(r.error for r in recs), "roundoff": max(r.floor for r in recs),
+                     "forward_roundoff": fwd,
+                     "error_f64": max(r.error for r in check(twin, els, x.double()))})
+    return rows
+
+
+def precision_markdown(rows: list[dict], *, target: float | None = None) -> str:
+    """A markdown table of :func:`precision_report` rows (``target``: mark float32 errors above it)."""
+    lines = ["| model | seed | grid err f32 | round-off floor | f32 vs f64, unrotated | grid err f64 |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        tag = r["name"] + "".join(f" {k}={v}" for k, v in r["overrides"].items())
+        mark = " ✗" if target is not None and r["error_f32"] > target else ""
+        lines.append(f"| {tag} | {r['seed']} | {r['error_f32']:.2e}{mark} | {r['roundoff']:.2e} | "
+                     f"{r['forward_roundoff']:.2e} | {r['error_f64']:.1e} |")
+    return "\n".join(lines)
+

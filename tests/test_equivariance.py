@@ -72,3 +72,92 @@ def test_dihedral_mirrors_in_error_vs_angle(digits):
     assert recs[0].element.f == 1 and recs[0].error <= 1e-5
     assert recs[1].error <= 1e-5
     assert max_error(recs[:2]) <= 1e-5 < recs[2].error
+
+
+# ------------------------------------------------------------------- the round-off floor of check()
+def _float64_error(m, elements, x):
+    import copy
+    return [r.error for r in check(copy.deepcopy(m).double(), elements, x.double())]
+
+
+@pytest.mark.parametrize("name", ["p4-mnist", "nepdo-mnist-regular-fd"])
+def test_roundoff_floor_bounds_the_float32_error(name, digits):
+    """error_f32 <= floor + error_f64 (the decomposition in the module docstring), with the float64
+    error at float64 noise: the float32 error of an exact construction is rounding, and the floor
+    says how much. Reduced widths keep the Neural ePDO model quick."""
+    kw = {"widths": (4, 4, 4, 4, 4, 8)} if name.startswith("nepdo") else {}
+    m = models.calibrate_batchnorm(models.create(name, **kw), digits[:32])
+    G = m.in_type.group
+    els = [g for g in G.elements if G.is_exact_on_grid(g)]
+    x = digits[100:104]
+    recs = check(m, els, x, roundoff=True)
+    e64 = _float64_error(m, els, x)
+    for r, f64 in zip(recs, e64):
+        assert f64 <= 1e-12
+        assert 0 < r.floor < 1e-4                                   # float32 rounding, measured
+        assert r.error <= r.floor + f64, (r.element, r.error, r.floor)
+    assert recs[0].error == 0                                       # the identity: the same arithmetic
+    assert next(p for p in m.parameters()).dtype == torch.float32   # the module itself untouched
+
+
+def test_roundoff_floor_does_not_excuse_a_broken_layer(digits):
+    """A lifting conv whose kernel lost its symmetry in one orientation: the error is orders of
+    magnitude above the round-off floor, in float32 and (as error_f64) in float64 alike."""
+    lift = LiftingConv(group=cyclic(4), in_channels=1, out_fields=3, kernel_size=5)
+
+    class Broken(nn.Module):
+        in_type, out_type = lift.in_type, lift.out_type
+
+        def __init__(self):
+            super().__init__()
+            self.lift = lift
+
+        def forward(self, x):
+            y = self.lift(x)
+            return torch.cat([y[:, :, :1] * 1.01, y[:, :, 1:]], dim=2)   # orientation 0 scaled by 1 %
+    recs = check(Broken(), None, digits[:2], roundoff=True)
+    for r in recs[1:]:
+        assert r.error > 1e3 * r.floor, (r.element, r.error, r.floor)
+
+
+def test_roundoff_floor_needs_a_lower_precision_module(digits):
+    m = models.create("p4-mnist").double()
+    with pytest.raises(ValueError, match="float64"):
+        check(m, None, digits[:2].double(), roundoff=True)
+    m = models.create("p4-mnist").train()
+    check(m, None, digits[:2], roundoff=True)
+    assert m.training                                               # mode restored
+
+
+def test_precision_report_separates_rounding_from_construction():
+    """An exact model: float32 error within its round-off floor, float64 error at float64 noise. A
+    plain CNN: the same error in both precisions, far above the floor. D16|5C16 is measured at the
+    rotations only (its output group is C16)."""
+    from kit.equivariance import precision_markdown, precision_report
+    (p4,) = precision_report("p4-mnist", batch=4, calibrate=32)
+    assert p4["error_f64"] <= 1e-12 and 0 < p4["error_f32"] <= p4["roundoff"] < 1e-5
+    assert 0 < p4["forward_roundoff"] < 1e-5 and p4["params"] == 72_290
+    (cnn,) = precision_report("cnn-mnist", batch=4, calibrate=32)
+    assert cnn["error_f32"] > 1e4 * cnn["roundoff"] and abs(cnn["error_f64"] / cnn["error_f32"] - 1) < 1e-3
+    (d16,) = precision_report("nepdo-mnist-d16c16-gauss", overrides={"widths": (4, 4, 4, 4, 4, 8)}, batch=2,
+                              calibrate=8)
+    assert d16["error_f64"] <= 1e-12                 # no mirror measured: they are not symmetries there
+    md = precision_markdown([p4, cnn, d16], target=1e-5)
+    assert md.count("✗") == 1 and "widths=(4, 4, 4, 4, 4, 8)" in md
+    with pytest.raises(ValueError, match="bundled"):
+        precision_report("p4-mnist", batch=10_000)
+
+
+def test_check_command_line(tmp_path, capsys):
+    import json
+
+    from kit.__main__ import main
+    out = tmp_path / "p.json"
+    assert main(["check", "p4*-mnist", "--batch", "2", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["name"] for r in rows] == ["p4-mnist", "p4m-mnist"] and "round-off floor" in capsys.readouterr().out
+    assert all(r["error_f32"] <= r["roundoff"] and r["error_f64"] < 1e-12 for r in rows)
+    with pytest.raises(SystemExit, match="no registered model matches"):
+        main(["check", "no-such-model"])
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        main(["check", "p4-mnist", "--set", "method"])
