@@ -16,6 +16,17 @@ import sys
 import time
 
 
+def _key_values(items, flag: str, convert) -> dict:
+    """``["k=v", ...]`` -> ``{k: convert(v)}``; a clear exit for anything that is not KEY=VALUE."""
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise SystemExit(f"{flag} expects KEY=VALUE, got {item!r}")
+        out[k] = convert(v)
+    return out
+
+
 def _reproduce(args) -> int:
     from .notebooks import REPO, execute, notebook_paths
 
@@ -48,12 +59,7 @@ def _reproduce(args) -> int:
 def _sweep(args) -> int:
     from .runs import report, run_sweep
 
-    slurm = {}
-    for item in args.slurm:
-        k, sep, v = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--slurm expects KEY=VALUE, got {item!r}")
-        slurm[k] = int(v) if v.isdigit() else v
+    slurm = _key_values(args.slurm, "--slurm", lambda v: int(v) if v.isdigit() else v)
     res = run_sweep(args.spec, jobs=args.jobs, executor=args.executor, only=args.only, slurm=slurm,
                     threads=args.threads, dry_run=args.dry_run, runs_dir=args.runs_dir)
     if args.report and not args.dry_run:
@@ -77,15 +83,12 @@ def _check(args) -> int:
     from .equivariance import precision_markdown, precision_report
     from .models import list_models
 
-    overrides = {}
-    for item in args.set:
-        k, sep, v = item.partition("=")
-        if not sep or not k:
-            raise SystemExit(f"--set expects KEY=VALUE (a Python literal, or a bare string), got {item!r}")
+    def literal(v):                                  # a Python literal, or else the bare string
         try:
-            overrides[k] = ast.literal_eval(v)
+            return ast.literal_eval(v)
         except (ValueError, SyntaxError):
-            overrides[k] = v
+            return v
+    overrides = _key_values(args.set, "--set", literal)
     names = [n for pat in args.models for n in (list_models(pat) or [None]) if n] if args.models else []
     missing = [pat for pat in args.models if not list_models(pat)]
     if missing:

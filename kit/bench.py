@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime as _dt
 import fnmatch
 import json
@@ -53,7 +52,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import models
-from .equivariance import check, error_vs_angle
+from .equivariance import check, error_vs_angle, float64_twin
 from .fields import FieldType
 from .groups import Group, cyclic, dihedral
 from .layers.base import EquivariantModule, EquivariantSequential, FieldReLU
@@ -469,11 +468,11 @@ def _error_block(entry: Entry, block: nn.Module, angles) -> dict:
            "grid_roundoff": [r.floor for r in exact],
            "max_grid_error": max(r.error for r in exact if r.element != G.identity)
            if len(exact) > 1 else float("nan")}
-    # the same elements in float64: what is left is the construction itself, not float32 rounding. A deep
-    # copy, because escnn shares basis-expansion modules between layers of equal type (a cache)
+    # the same elements in float64: what is left is the construction itself, not float32 rounding (a deep
+    # copy: escnn shares basis-expansion modules between layers of equal type, a cache)
     others = [g for g in _exact_elements(G) if g != G.identity]
     if others:
-        out["max_grid_error_f64"] = max(r.error for r in check(copy.deepcopy(block).double(), others))
+        out["max_grid_error_f64"] = max(r.error for r in check(float64_twin(block), others))
     at90 = [e for a, e in zip(out["angles"], out["error"]) if abs(a - 90) < 1e-9]
     out["error_90"] = at90[0] if at90 else None
     r90 = [r.floor for r in exact if abs(r.angle - 90) < 1e-9 and not r.mirror]
