@@ -10,7 +10,7 @@ STAMP = $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 COMPARE = $(VENV)/.compare
-.PHONY: help install compare gfortran test reproduce sweep benchmark bench lab clean distclean
+.PHONY: help install compare gfortran test reproduce sweep benchmark bench zoo lab clean distclean
 
 help:
 	@echo "eqkit targets:"
@@ -18,6 +18,8 @@ help:
 	@echo "                   then the quick sweep (sweeps/quick.yaml) and its report (runs/quick/report.md)"
 	@echo "  make sweep       run a sweep spec and its report (SPEC=$(SPEC) JOBS=$(JOBS))"
 	@echo "  make benchmark   the CPU-budget benchmark: cnn-mnist vs p4-mnist on rebuilt MNIST-rot, 2 seeds (~25 min)"
+	@echo "  make zoo         retrain the zoo (sweeps/zoo.yaml, resumable, ~2 h on 2 cores), export its weights"
+	@echo "                   to kit/weights/ and write its table (figures/zoo.md)"
 	@echo "  make bench       python -m kit bench: every family beside escnn, CPU (<10 min) -> figures/bench/"
 	@echo "  make compare     add the optional 'compare' extra (escnn) to $(VENV); installs gfortran if missing"
 	@echo "  make test        install (if needed), run the test suite (PYTEST_ARGS='$(PYTEST_ARGS)')"
@@ -66,6 +68,11 @@ reproduce: install
 
 sweep: install
 	$(PY) -m kit sweep $(SPEC) --jobs $(JOBS) --report
+
+zoo: install
+	$(PY) -m kit sweep sweeps/zoo.yaml
+	$(PY) -m kit zoo export
+	$(PY) -m kit report zoo
 
 benchmark: install
 	$(PY) -m kit sweep sweeps/cpu-benchmark.yaml --report

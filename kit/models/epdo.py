@@ -279,6 +279,22 @@ def nepdo_mnist_d16c16_gauss(*, widths=_D["widths"], g: int = 4, s: int = 1, red
 
 
 @register_model(
+    "nepdo-mnist-regular-fd-small",
+    description="reduced Neural ePDO MNIST-rot net for CPU training: C8 regular fields (not C16), fd stencils, "
+                "widths 8/8/16/16/16/32 (paper 16/24/32/32/48/64), g=2, s=2, reduction 1 (paper g=4, s=4); "
+                "28,034 parameters against the paper model's 234,186",
+    reported={"note": "reduced variant of nepdo-mnist-regular-fd (no paper number); same layer, same layout, "
+                      "same recipe", "paper_model": "nepdo-mnist-regular-fd", "source": _SRC},
+    tags=_TAGS + ("small",), **_CARD)
+def nepdo_mnist_regular_fd_small(*, order: int = 8, widths=(8, 8, 16, 16, 16, 32), g: int = 2, s: int = 2,
+                                 reduction: int = 1, method: str = "fd", stencil_kw: dict | None = None,
+                                 dropout: float = 0.1, dropout_mode: str = "field", num_classes: int = 10):
+    return NeuralEPDONet(group=cyclic(order), kind="regular", widths=widths, g=g, s=s, reduction=reduction,
+                         method=method, stencil_kw=stencil_kw, dropout=dropout, dropout_mode=dropout_mode,
+                         num_classes=num_classes)
+
+
+@register_model(
     "pdo-econv-mnist-c16-fd",
     description="PDO-eConv baseline of the Neural ePDO code (--g -1): every layer a linear PDO-eConv of "
                 "order 4 (5x5, fd), C16 regular, widths 16/24/32/32/48/64",
