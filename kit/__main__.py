@@ -6,6 +6,7 @@
     report      gather a sweep into markdown + CSV + a figure: python -m kit report quick
     bench       one benchmark across all families beside escnn: python -m kit bench [--only GLOB] [--device cuda]
                 (python -m kit bench --help for its options)
+    zoo         the trained zoo: python -m kit zoo export (runs/zoo -> kit/weights/), zoo list, zoo heldout
     check       grid-exact equivariance of registered models, float32 error beside its round-off floor
                 and the float64 error: python -m kit check "nepdo-*" [--seeds 0 1] [--set method=rbffd]
 """
@@ -70,8 +71,28 @@ def _sweep(args) -> int:
 def _report(args) -> int:
     from .runs import report
 
+    if args.sweep == "zoo":                          # the zoo's table comes from its committed manifests
+        from . import zoo
+        path = zoo.write_report(None if args.out is None else f"{args.out}/zoo.md")
+        print(path.read_text())
+        return 0
     res = report(args.sweep, runs_dir=args.runs_dir, out_dir=args.out)
     print(res["markdown"].read_text())
+    return 0
+
+
+def _zoo(args) -> int:
+    from . import zoo
+
+    if args.action == "export":
+        zoo.export_sweep(args.runs_dir, only=args.only)
+        zoo.write_report()
+    elif args.action == "heldout":
+        print(f"wrote {zoo.build_heldout()}")
+    else:
+        for m in zoo.zoo_rows():
+            print(f"  {m['model']:30s} {m['params']:>8,} params  test {m['final_test_acc']:.2f} %  "
+                  f"held-out {m['heldout']['accuracy']:.2f} %  {m['file']} ({m['bytes'] / 1e6:.2f} MB)")
     return 0
 
 
@@ -142,6 +163,11 @@ def main(argv=None) -> int:
     rr.add_argument("--runs-dir", default=None)
     rr.add_argument("--out", default=None, help="output folder (default: the sweep folder)")
     rr.set_defaults(func=_report)
+    zp = sub.add_parser("zoo", help="the trained zoo: export finished runs/zoo runs to kit/weights/, list, heldout")
+    zp.add_argument("action", choices=["export", "list", "heldout"])
+    zp.add_argument("--runs-dir", default=None, help="the zoo sweep folder (default: runs/zoo)")
+    zp.add_argument("--only", default="*", help="glob of run names to export")
+    zp.set_defaults(func=_zoo)
     sub.add_parser("bench", help="one benchmark across all families beside escnn (python -m kit bench --help)")
     cp = sub.add_parser("check", help="grid-exact equivariance of registered models: float32 error, its round-off "
                                       "floor, float64 error")

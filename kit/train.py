@@ -369,6 +369,21 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _eqkit_commit() -> str | None:
+    """The git commit of the kit's source tree (``+uncommitted`` if kit/ has local changes), or None."""
+    import subprocess
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+uncommitted" if dirty else "")
+    except Exception:  # noqa: BLE001 -- no git, no commit
+        return None
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
@@ -515,6 +530,7 @@ def train(model="p4-mnist", dataset="mnist-rot-rebuilt", *, preset: str | Recipe
                 train_size=info["sizes"]["train"], val_size=info["sizes"]["val"], test_size=info["sizes"]["test"],
                 fraction=fraction, params=n_params, device=str(device), world_size=world,
                 recipe_overrides=recipe_overrides(recipe), recipe_source=recipe.source,
+                eqkit_commit=_eqkit_commit(), torch=torch.__version__,
                 input_mean=None if bundle.train.mean is None else bundle.train.mean.flatten().tolist(),
                 input_std=None if bundle.train.std is None else bundle.train.std.flatten().tolist())
 

@@ -31,6 +31,11 @@ class ModelCard:
     tags: tuple = ()
 
     @property
+    def has_weights(self) -> bool:
+        """Whether the zoo has trained weights for this model (``create(name, pretrained=True)``)."""
+        return self.name in _zoo().list_pretrained()
+
+    @property
     def parameters(self) -> dict:
         """The builder's keyword parameters and their defaults."""
         return {k: p.default for k, p in inspect.signature(self.builder).parameters.items()}
@@ -54,10 +59,17 @@ def register_model(name: str, **card):
     return deco
 
 
-def list_models(pattern: str = "*", *, tag: str | None = None) -> list[str]:
-    """Registered model names matching a glob ``pattern`` (and carrying ``tag``), sorted."""
+def list_models(pattern: str = "*", *, tag: str | None = None, pretrained: bool = False) -> list[str]:
+    """Registered model names matching a glob ``pattern`` (and carrying ``tag``; with
+    ``pretrained=True`` only those with zoo weights, :mod:`kit.zoo`), sorted."""
+    have = set(_zoo().list_pretrained()) if pretrained else None
     return sorted(n for n, c in _REGISTRY.items()
-                  if fnmatch.fnmatch(n, pattern) and (tag is None or tag in c.tags))
+                  if fnmatch.fnmatch(n, pattern) and (tag is None or tag in c.tags) and (have is None or n in have))
+
+
+def _zoo():
+    from .. import zoo
+    return zoo
 
 
 def model_card(name: str) -> ModelCard:
@@ -66,9 +78,16 @@ def model_card(name: str) -> ModelCard:
     return _REGISTRY[name]
 
 
-def create(name: str, **overrides) -> nn.Module:
-    """Build the named model; ``overrides`` replace the builder's keyword defaults."""
+def create(name: str, *, pretrained: bool = False, **overrides) -> nn.Module:
+    """Build the named model; ``overrides`` replace the builder's keyword defaults.
+
+    ``pretrained=True`` loads the zoo's weights (:mod:`kit.zoo`: sha256-verified, weights-only) and
+    returns the model in eval mode, taking the images its dataset delivers (MNIST-rot:
+    ``(B, 1, 28, 28)`` in [0, 1]; any input normalisation is inside the model). A name without
+    weights, a corrupted file or weights of another architecture raise a clear error."""
     card = model_card(name)
+    if pretrained:
+        _zoo().manifest(name)                # no weights: the error lists the models that have some
     valid = card.parameters
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
@@ -76,6 +95,8 @@ def create(name: str, **overrides) -> nn.Module:
                          f"{', '.join(f'{k}={v!r}' for k, v in valid.items())}")
     model = card.builder(**overrides)
     model.card = card
+    if pretrained:
+        model = _zoo().load_pretrained(name, model)
     return model
 
 
