@@ -303,29 +303,15 @@ def _dist():
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, split, n: int, *, batch_size: int = 256, device="cpu") -> int:
-    """Recompute every batch norm's statistics of ``model`` on the first ``n`` rows of ``split`` with
-    the current weights (cumulative average over batches, as ``torch.optim.swa_utils.update_bn``);
-    everything else stays in eval mode (no dropout, no random offsets), so no random number is drawn.
-    Returns the number of images used (0: the model has no batch norm)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    """Recompute every batch norm's statistics of ``model`` on the first ``n`` rows of ``split``
+    with the current weights (:func:`kit.models.calibrate_batchnorm`: dropout and every other
+    random part off, no random number drawn). Returns the number of images used (0: no batch norm)."""
     n = min(int(n), len(split))
-    if not bns or n <= 0:
+    if n <= 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return 0
     was = model.training
-    model.eval()
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        for b in torch.arange(n).split(batch_size):
-            x, _ = split.batch(b)
-            model(x.to(device))
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        model.train(was)
+    models.calibrate_batchnorm(model, split.batch(torch.arange(n))[0].to(device), batch_size=batch_size)
+    model.train(was)
     return n
 
 

@@ -36,7 +36,7 @@ import torch.nn as nn
 from .layers.base import EquivariantModule
 
 __all__ = ["WEIGHTS_DIR", "HELDOUT_SIZE", "Standardized", "list_pretrained", "manifest", "weights_path",
-           "load_pretrained", "heldout", "heldout_accuracy", "build_heldout", "export_run", "export_sweep",
+           "load_pretrained", "initial_twin", "heldout", "heldout_accuracy", "build_heldout", "export_run", "export_sweep",
            "zoo_rows", "zoo_markdown", "sha256"]
 
 PKG = Path(__file__).resolve().parent
@@ -150,6 +150,29 @@ def load_pretrained(name: str, model: nn.Module, root=None) -> nn.Module:
         model = Standardized(model, norm["mean"], norm["std"])
         model.card = card
     model.pretrained = dict(name=name, file=str(path), sha256=digest, manifest=man)
+    return model.eval()
+
+
+def initial_twin(name: str, *, calibrate: torch.Tensor | None = None, root=None) -> nn.Module:
+    """The untrained twin of zoo model ``name``: exactly the weights its training run started from
+    (``kit.train.train`` seeds torch, numpy and random with the run's seed right before building
+    the model), with the same input normalisation, in eval mode. ``calibrate``: a batch of images
+    in [0, 1] to set its batch-norm statistics (an untrained net with the default statistics barely
+    depends on its input; see :func:`kit.models.calibrate_batchnorm`)."""
+    import random
+
+    from . import models
+    man = manifest(name, root)
+    seed = int(man["seed"])
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    net = models.create(name, **(man.get("builder_overrides") or {}))
+    norm = man.get("input_normalisation")
+    model = Standardized(net, norm["mean"], norm["std"]) if norm else net
+    model.card = net.card
+    if calibrate is not None:
+        models.calibrate_batchnorm(model, calibrate)
     return model.eval()
 
 

@@ -105,24 +105,31 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Reset every batch-norm's running statistics to those of the batch ``x`` and return the model
-    in eval mode.
+def calibrate_batchnorm(model: nn.Module, x: torch.Tensor, *, batch_size: int = 256) -> nn.Module:
+    """Reset every batch-norm's running statistics to those of the images ``x`` (a cumulative
+    average over chunks of ``batch_size``, as ``torch.optim.swa_utils.update_bn``) and return the
+    model in eval mode. Everything but the batch norms stays in eval mode while doing so (no
+    dropout, no random grid offsets): no random number is drawn.
 
     An untrained network evaluated with default statistics (mean 0, variance 1) is dominated by its
     biases and barely depends on the input, which makes every invariance measurement look good. A
-    calibrated untrained network behaves like a trained one in that respect.
+    calibrated untrained network behaves like a trained one in that respect. The trainer uses the
+    same function before every evaluation (``Recipe.bn_recalibration``).
     """
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in bns]
+    model.eval()
     for m in bns:
         m.reset_running_stats()
-        m.momentum = None                    # cumulative average: one batch sets the statistics
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for m, mom in zip(bns, momenta):
-        m.momentum = mom
+        m.momentum = None                    # cumulative average over the chunks
+        m.train()
+    try:
+        with torch.no_grad():
+            for xb in x.split(batch_size):
+                model(xb)
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
     return model.eval()
 
 
