@@ -354,6 +354,25 @@ def train_with_initial(model: str = "p4-mnist", *, dataset: str = "mnist-rot-reb
     return net.eval(), initial, summary
 
 
+def pretrained_with_initial(model: str = "p4-mnist"):
+    """``(trained, initial, summary)`` from the zoo: the trained weights of ``model``
+    (:mod:`kit.zoo`) and exactly the initial weights its training run started from
+    (:func:`kit.zoo.initial_twin`); ``summary`` is the run's summary (as :func:`train_with_initial`)."""
+    from . import models, zoo
+
+    trained = models.create(model, pretrained=True)
+    initial = zoo.initial_twin(model)
+    return trained, initial, zoo.manifest(model)["summary"]
+
+
+def trained_and_initial(model: str = "p4-mnist", *, pretrained: bool = True, **train_kw):
+    """``(trained, initial, summary)``: from the zoo (:func:`pretrained_with_initial`) or, with
+    ``pretrained=False``, trained here for a short run (:func:`train_with_initial` and ``train_kw``)."""
+    if pretrained:
+        return pretrained_with_initial(model)
+    return train_with_initial(model, **train_kw)
+
+
 def kernel_explorer(trained: list[LayerReport], initial: list[LayerReport] | None = None):
     """ipywidgets: pick a layer, an output and an input field, trained or initial weights; shows
     :func:`rank1_figure` (kernel over the group axis, rank-1 reconstruction, residual)."""

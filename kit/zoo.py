@@ -289,7 +289,7 @@ def export_run(run_dir, *, out_dir=None, log=print) -> dict:
                      device=summ.get("device")),
         torch=torch.__version__, eqkit_commit=summ.get("eqkit_commit") or _git_commit(),
         eqkit_commit_note=None if summ.get("eqkit_commit") else "HEAD at export (the run did not record one)",
-        history=ck["history"],
+        history=ck["history"], summary=summ,
     )
     mp = _manifest_path(name, out)
     _atomic_write(mp, lambda fh: fh.write((json.dumps(man, indent=1) + "\n").encode()))
@@ -360,7 +360,11 @@ def zoo_markdown(rows=None, *, short: bool = False) -> str:
         else:
             lines.append(f"| `{m['model']}` | {m['family']} | {m['params']:,} | {m['macs_per_image'] / 1e6:.1f}M | {ep} | "
                          f"{_f(m['final_test_acc'])} | {bv} | {pa_s} | {_f(gap, 2)} | {label} |")
+    srcs = [(m["model"], m["paper_number"]) for m in rows if m["paper_number"].get("accuracy") is not None]
     notes = [
+        "",
+        "Sources of the paper numbers: " + "; ".join(f"`{n}` ({p['of']}): {p['source']}" for n, p in srcs) + "."
+        if srcs else "",
         "",
         "All rows: MNIST-rot **rebuilt** from raw MNIST (seed 2007): 10k train, 2k validation, 50k test; "
         "each card's recipe **scaled** to a CPU budget (fewer epochs, same schedule shape: `sweeps/zoo.yaml`); "
@@ -384,3 +388,119 @@ def write_report(path=None, *, log=print) -> Path:
     save_text(text, path)
     log(f"zoo table: {len(list_pretrained())} model(s) -> {path}")
     return path
+
+
+# ------------------------------------------------------------- the instrument on trained models
+def _calibration_digits(n: int = 256) -> torch.Tensor:
+    from .groups import disk_mask
+    from .sample import load_sample
+    return load_sample()["images"][-n:] * disk_mask(28, 28).float()           # (n, 1, 28, 28)
+
+
+def _digits(n: int) -> torch.Tensor:
+    from .groups import disk_mask
+    from .sample import load_sample
+    return load_sample()["images"][:n] * disk_mask(28, 28).float()            # (n, 1, 28, 28)
+
+
+def error_vs_angle_study(names=None, *, step: float = 5.0, digits: int = 8) -> dict:
+    """For every zoo model (default: all with weights): the invariance error of its logits from 0 to
+    360 degrees, trained and untrained twin (:func:`initial_twin`, batch norm calibrated on 256 real
+    digits), each with its interpolation floor (:func:`kit.equivariance.error_vs_angle`), on
+    ``digits`` digits of the bundled sample. Returns ``{name: {"trained": [Record], "initial": [Record]}}``."""
+    from . import models
+    from .equivariance import error_vs_angle
+    names = list_pretrained() if names is None else list(names)
+    if not 0 < step <= 360:
+        raise ValueError(f"step must be in (0, 360] degrees, got {step}")
+    angles = [i * step for i in range(int(round(360 / step)) + 1)]
+    x, calib = _digits(digits), _calibration_digits()
+    out = {}
+    for n in names:
+        trained = models.create(n, pretrained=True)
+        twin = initial_twin(n, calibrate=calib)
+        with torch.no_grad():
+            out[n] = {"trained": error_vs_angle(trained, angles, x=x), "initial": error_vs_angle(twin, angles, x=x)}
+    return out
+
+
+def error_vs_angle_figure(study: dict, *, ncols: int = 3):
+    """One panel per zoo model: logit invariance error vs angle, trained (solid) beside its untrained
+    twin (dashed), with the interpolation floor of each (dotted); grid-exact angles marked."""
+    import matplotlib.pyplot as plt
+    names = list(study)
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False, sharex=True)
+    for ax, n in zip(axes.flat, names):
+        for key, style, col in (("trained", "-", "tab:blue"), ("initial", "--", "tab:orange")):
+            recs = study[n][key]
+            a = [r.angle for r in recs]
+            ax.plot(a, [max(r.error, 1e-9) for r in recs], style, color=col, lw=1.5, label=f"{key}: error")
+            ax.plot(a, [max(r.floor, 1e-9) for r in recs], ":", color=col, lw=1.1, alpha=0.8,
+                    label=f"{key}: interpolation floor")
+        exact = [r.angle for r in study[n]["trained"] if r.element is not None]
+        for e in exact:
+            ax.axvline(e, color="0.85", lw=0.8, zorder=0)
+        ax.set_yscale("log")
+        ax.set_ylim(1e-9, 3)
+        ax.set_xticks(range(0, 361, 90))
+        ax.grid(alpha=0.3, axis="y")
+        ax.set_title(n, fontsize=10)
+        ax.tick_params(labelsize=9)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("relative logit error", fontsize=9)
+    for ax in axes[-1]:
+        ax.set_xlabel("rotation (degrees)", fontsize=9)
+    h, l = axes.flat[0].get_legend_handles_labels()
+    fig.legend(h, l, loc="lower center", ncol=4, fontsize=9, frameon=False)
+    fig.suptitle("Invariance of the logits vs rotation angle: trained zoo models (blue) and their untrained twins "
+                 "(orange); grey lines: the group's elements (values < 1e-9 drawn at 1e-9)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    return fig
+
+
+def precision_rows(names=None, *, digits: int = 8) -> list[dict]:
+    """For every zoo model, at the elements exact on the pixel grid: the float32 invariance error of
+    the trained logits, its round-off floor (``check(..., roundoff=True)``) and the float64 error
+    (:func:`kit.equivariance.float64_twin`); ``above_floor`` flags a float32 error above its floor."""
+    from . import models
+    from .equivariance import check, float64_twin
+    names = list_pretrained() if names is None else list(names)
+    x = _digits(digits)
+    rows = []
+    for n in names:
+        m = models.create(n, pretrained=True)
+        G = m.out_type.group
+        exact = [g for g in G.elements if G.is_exact_on_grid(g) and g != G.identity]
+        with torch.no_grad():
+            r32 = check(m, exact, x=x, roundoff=True)
+            r64 = check(float64_twin(m), exact, x=x.double())
+        e32, fl, e64 = max(r.error for r in r32), max(r.floor for r in r32), max(r.error for r in r64)
+        rows.append(dict(model=n, group=G.name, elements=[G.degrees(g) for g in exact] if not G.flip
+                         else [f"{G.degrees(g):g}{'m' if g.f else ''}" for g in exact],
+                         error_f32=e32, floor=fl, error_f64=e64,
+                         above_floor=any(r.error > r.floor for r in r32)))
+    return rows
+
+
+def precision_markdown(rows) -> str:
+    lines = ["| model | group | float32 error | round-off floor | float64 error | float32 above floor? |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `{r['model']}` | {r['group']} | {r['error_f32']:.1e} | {r['floor']:.1e} | "
+                     f"{r['error_f64']:.1e} | {'**yes**' if r['above_floor'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def study_markdown(study: dict, angles=(22.5, 45.0, 90.0)) -> str:
+    """Logit invariance error at a few angles, trained vs untrained twin, with the floor."""
+    head = " | ".join(f"{a:g}° trained / initial (floor)" for a in angles)
+    lines = [f"| model | {head} |", "|---|" + "---|" * len(angles)]
+    for n, res in study.items():
+        t = {r.angle: r for r in res["trained"]}
+        i = {r.angle: r for r in res["initial"]}
+        cells = [f"{t[a].error:.1e} / {i[a].error:.1e} ({t[a].floor:.0e})" if a in t else "—" for a in angles]
+        lines.append(f"| `{n}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -83,3 +83,19 @@ def test_cards_carry_provenance():
     for n in ALL:
         card = models.model_card(n)
         assert card.paper and card.description
+
+
+@pytest.mark.parametrize("name", models.list_models("nepdo-*-gauss"))
+def test_gauss_paper_models_build_the_official_operator(name):
+    """The registered Gaussian Neural-ePDO models use the official raw Gaussian-derivative stencils
+    (``normalize=False``; equal to the public code's operator), not the kit's moment-corrected
+    variant (``normalize=True``, a different operator: a few % off), which stays an option."""
+    from kit.layers.epdo import NeuralEPDOConv, pdo_stencil_matrix
+    raw, _ = pdo_stencil_matrix("gauss", {"normalize": False})
+    corrected, _ = pdo_stencil_matrix("gauss", None)
+    layers = [m for m in models.create(name).modules() if isinstance(m, NeuralEPDOConv)]
+    assert layers
+    for m in layers:
+        assert torch.equal(m.stencils, raw.float())            # the float32 buffer of the raw stencils
+    assert (corrected - raw).norm() / raw.norm() > 0.01        # the option is a different operator
+    assert "Gaussian" in models.model_card(name).description

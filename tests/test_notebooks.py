@@ -21,6 +21,7 @@ EXPECTED_FIGURES = {
     "05_neural_epdo.ipynb": ["epdo_coefficients.png", "epdo_rotation.png", "epdo_discretisations.png",
                              "epdo_error_vs_angle.png", "epdo_precision_by_depth.png"],
     "train.ipynb": ["train_curves.png"],
+    "08_trained_zoo.ipynb": ["zoo_error_vs_angle.png"],
     "04_pdo_stencils.ipynb": ["pdo_stencil_gallery.png", "pdo_rotated_kernels.png", "pdo_error_vs_angle.png",
                               "pdo_convergence.png"],
     "07_equivariance_benchmark.ipynb": ["bench/error_vs_angle.png", "bench/throughput.png"],

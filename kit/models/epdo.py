@@ -235,7 +235,8 @@ def nepdo_mnist_regular_fd(*, widths=_R["widths"], g: int = 4, s: int = 4, reduc
 @register_model(
     "nepdo-mnist-regular-gauss",
     description="Neural ePDO MNIST-rot net, C16 regular fields, Gaussian-derivative stencils "
-                "(raw, sigma 0.714 px), widths 16/24/32/32/48/64, g=4, s=4, reduction 1",
+                "(raw, sigma 0.714 px: the official operator; stencil_kw={'normalize': True}: the kit's moment-corrected "
+                "variant), widths 16/24/32/32/48/64, g=4, s=4, reduction 1",
     reported={"params": 234186, "flags": "--model R --dis gauss --g 4 --s 4 --reduction 1", "source": _SRC,
               "test_error": None, "test_error_note": _NO_ERR}, tags=_TAGS, **_CARD)
 def nepdo_mnist_regular_gauss(*, widths=_R["widths"], g: int = 4, s: int = 4, reduction: int = 1,
@@ -248,7 +249,8 @@ def nepdo_mnist_regular_gauss(*, widths=_R["widths"], g: int = 4, s: int = 4, re
 
 @register_model(
     "nepdo-mnist-quotient-gauss",
-    description="Neural ePDO MNIST-rot net, C16 regular + quotient_4 fields (d = 20), Gaussian stencils, "
+    description="Neural ePDO MNIST-rot net, C16 regular + quotient_4 fields (d = 20), raw Gaussian-derivative stencils "
+                "(the official operator; stencil_kw={'normalize': True}: the kit's moment-corrected variant), "
                 "widths 12/16/24/24/32/64, g=4, s=1, reduction 2",
     reported={"params": 229374, "flags": "--model Q --dis gauss --g 4 --s 1 --reduction 2", "source": _SRC,
               "test_error": None, "test_error_note": _NO_ERR}, tags=_TAGS, **_CARD)
@@ -263,7 +265,8 @@ def nepdo_mnist_quotient_gauss(*, widths=_Q["widths"], g: int = 4, s: int = 1, r
 @register_model(
     "nepdo-mnist-d16c16-gauss",
     description="Neural ePDO MNIST-rot net, D16 regular fields restricted to C16 after the 5th layer "
-                "(conv6: 64 -> 128 C16 fields), Gaussian stencils, widths 12/16/24/24/32/64, g=4, s=1, "
+                "(conv6: 64 -> 128 C16 fields), raw Gaussian-derivative stencils (the official operator; "
+                "stencil_kw={'normalize': True}: the kit's moment-corrected variant), widths 12/16/24/24/32/64, g=4, s=1, "
                 "reduction 1",
     reported={"params": 525190, "flags": "--flip True --dis gauss --g 4 --s 1 --reduction 1", "source": _SRC,
               "build_time_official_s": 221,
