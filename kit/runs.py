@@ -426,8 +426,8 @@ def collect(sweep_dir) -> list[dict]:
         if "recipe_overrides" not in row and (d / "checkpoint.pt").is_file():   # runs of older versions
             try:
                 import torch
-                from .train import recipe_overrides
-                ck = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False)
+                from .train import load_checkpoint, recipe_overrides
+                ck = load_checkpoint(d / "checkpoint.pt")
                 row["recipe_overrides"] = recipe_overrides(ck["config"]["recipe"])
             except Exception:  # noqa: BLE001 -- a report never fails on one unreadable checkpoint
                 pass

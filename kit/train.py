@@ -53,7 +53,7 @@ from . import data as kdata
 from . import models
 
 __all__ = ["Recipe", "PRESETS", "get_recipe", "lr_at", "build_model", "augment", "evaluate", "train",
-           "NonFiniteLossError", "read_metrics", "BEST_TEST_LABEL", "curves_figure", "summary_table"]
+           "NonFiniteLossError", "read_metrics", "load_checkpoint", "BEST_TEST_LABEL", "curves_figure", "summary_table"]
 
 BEST_TEST_LABEL = "best test accuracy over epochs (as the papers report: test-set model selection)"
 
@@ -371,16 +371,54 @@ def _eqkit_commit() -> str | None:
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+    """Every RNG state as tensors and plain numbers, so that a checkpoint loads with
+    ``torch.load(..., weights_only=True)`` (no pickled objects, nothing that can run code)."""
+    name, key, pos, has_gauss, cached = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"name": str(name), "key": torch.from_numpy(np.asarray(key, dtype=np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64),
+                       "gauss_next": gauss_next},
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n = s["numpy"]
+    if isinstance(n, dict):
+        np.random.set_state((n["name"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+    else:                                                   # checkpoints of eqkit before the tensor format
+        np.random.set_state(n)
+    p = s["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss_next"])
+                    if isinstance(p, dict) else p)
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _numpy_safe_globals() -> list:
+    """The numpy types of the RNG state of checkpoints written by earlier eqkit versions: array
+    reconstruction only (allow-listed for ``weights_only=True``; nothing else is accepted)."""
+    core = getattr(np, "_core", None) or np.core
+    out = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    out += [t for t in (getattr(np.dtypes, "UInt32DType", None),) if t is not None]
+    return out
+
+
+def load_checkpoint(path) -> dict:
+    """Load a training checkpoint with ``weights_only=True`` (a checkpoint crafted to run code on load
+    is refused with a ``ValueError`` naming the file)."""
+    import pickle
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a safe eqkit checkpoint (weights-only load refused it: {first}); "
+                         f"delete it or train again into another folder") from None
 
 
 def read_metrics(out_dir) -> list[dict]:
@@ -529,7 +567,7 @@ def train(model="p4-mnist", dataset="mnist-rot-rebuilt", *, preset: str | Recipe
         out.mkdir(parents=True, exist_ok=True)
         _atomic_write(out / "run.json", lambda fh: fh.write(json.dumps(base, indent=1).encode()))
     if out and resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         ck["config"].get("recipe", {}).pop("source", None)      # documentation, not a setting
         if ck["config"] != _jsonable(config):
             diff = {k: (ck["config"].get(k), v) for k, v in _jsonable(config).items() if ck["config"].get(k) != v}

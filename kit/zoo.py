@@ -245,14 +245,14 @@ def export_run(run_dir, *, out_dir=None, log=print) -> dict:
     just written, loaded back through :func:`load_pretrained`."""
     from . import models
     from .bench import count_macs
-    from .train import _atomic_write
+    from .train import _atomic_write, load_checkpoint
 
     d = Path(run_dir)
     if not (d / "summary.json").is_file():
         raise ValueError(f"{d} is not a finished run (no summary.json)")
     summ = json.loads((d / "summary.json").read_text())
     params = json.loads((d / "params.json").read_text()) if (d / "params.json").is_file() else {}
-    ck = torch.load(d / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ck = load_checkpoint(d / "checkpoint.pt")
     name = summ["model"]
     card = models.model_card(name)
     overrides = params.get("MODEL_OVERRIDES") or {}

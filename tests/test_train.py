@@ -94,7 +94,7 @@ def _strip(hist):
 
 def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     full = train.train(_net(), _bundle(), out_dir=tmp_path / "a", **_KW)
-    w_full = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
+    w_full = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
 
     # "killed" after epoch 1: an exception escapes right after the epoch's checkpoint
     def kill(epoch, rec):
@@ -105,7 +105,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     assert len(train.read_metrics(tmp_path / "b")) == 1 and not (tmp_path / "b" / "summary.json").exists()
     torch.manual_seed(999)                             # disturb every RNG the loop uses
     resumed = train.train(_net(seed=5), _bundle(), out_dir=tmp_path / "b", **_KW)
-    w_res = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    w_res = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["model"]
     assert w_full.keys() == w_res.keys()
     for k in w_full:
         assert torch.equal(w_full[k], w_res[k]), k
@@ -183,7 +183,29 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
         for k in ("train_loss", "val_loss", "test_loss"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (k, a[k], b[k])
         assert a["train_acc"] == b["train_acc"]
-    w1 = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
-    w2 = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    w1 = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)["model"]
+    w2 = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)["model"]
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-6)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_checkpoints_load_weights_only_and_a_crafted_one_is_refused(tmp_path, monkeypatch):
+    from kit.train import load_checkpoint
+    s = train.train("cnn-mnist", "synthetic", preset="mnist-quick", epochs=1, train_subset=32, val_subset=16,
+              test_subset=16, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
+    assert s["finished"]
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)      # no pickled objects at all
+    assert isinstance(ck["rng"][0]["numpy"]["key"], torch.Tensor)
+    monkeypatch.chdir(tmp_path)
+    torch.save({"model": _RunsCode()}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"checkpoint.pt is not a safe eqkit checkpoint"):
+        load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"not a safe eqkit checkpoint"):
+        train.train("cnn-mnist", "synthetic", preset="mnist-quick", epochs=2, train_subset=32, val_subset=16,
+              test_subset=16, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
+    assert not (tmp_path / "PWNED").exists()
