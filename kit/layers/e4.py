@@ -47,12 +47,22 @@ Implementation notes
   :mod:`kit.complexity`). Measured on one CPU thread against the unfold version: the layer's
   forward+backward 2.6x (K=3, CIFAR stage) and 4.7x (K=5, MNIST-rot) faster; the aggregation keeps
   4-11x less memory for the backward (figures/e4_speed.md).
+* **Fused aggregation (CPU).** :func:`dynamic_aggregate` runs a small C++ extension
+  (``kit/layers/csrc/aggregate.cpp``, built once with ``torch.utils.cpp_extension`` into torch's
+  extension cache; ``make install`` builds it): one task per (image, slice, orientation) plane, whose
+  ``K^2`` kernel planes and channel planes stay in cache while every tap is applied, forward and both
+  backward products. The tap loop (:func:`dynamic_aggregate_taps`) stays the reference (tests: equal
+  to 1e-12 in float64) and the fallback (GPU tensors, no compiler, ``EQKIT_FUSED=0``).
 * Cost of the dynamic aggregation: ``out |G| K^2 H W`` MACs per image (:meth:`E4Conv.aggregation_macs`),
   which standard conv FLOP counters do not see.
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
+import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -63,7 +73,8 @@ from ..groups import Group
 from .base import EquivariantModule, KernelCache, steering_matrices
 from .gconv import GroupConv
 
-__all__ = ["E4Conv", "FieldGroupNorm", "AFFINE_MODES", "dynamic_aggregate", "dynamic_aggregate_unfold"]
+__all__ = ["E4Conv", "FieldGroupNorm", "AFFINE_MODES", "dynamic_aggregate", "dynamic_aggregate_taps",
+           "dynamic_aggregate_unfold", "fused_extension"]
 
 AFFINE_MODES = ("per_field", "per_channel", None)
 
@@ -309,15 +320,75 @@ class _DynamicAggregation(torch.autograd.Function):
         return gv, gk
 
 
+@functools.lru_cache(maxsize=1)
+def fused_extension():
+    """The compiled fused aggregation (``kit/layers/csrc/aggregate.cpp``), built on first use into
+    torch's extension cache (``TORCH_EXTENSIONS_DIR``; about a minute, once), or ``None`` where it
+    cannot be built (a warning says why) or ``EQKIT_FUSED=0``."""
+    if os.environ.get("EQKIT_FUSED", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+        src = Path(__file__).resolve().parent / "csrc" / "aggregate.cpp"
+        return load(name="eqkit_aggregate", sources=[str(src)], extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # noqa: BLE001 -- any build failure falls back to the tap loop
+        warnings.warn(f"eqkit: the fused dynamic aggregation could not be built ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); using the tap loop "
+                      f"(correct, slower). Install a C++ compiler and `pip install ninja` to enable it.")
+        return None
+
+
+def _compiling() -> bool:
+    f = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(f()) if f is not None else False
+
+
+class _FusedAggregation(torch.autograd.Function):
+    """:class:`_DynamicAggregation` through the C++ extension (same products, same tap order)."""
+
+    @staticmethod
+    def forward(ctx, v, kern):
+        B, C, G, H, W, S, cps, K = _shapes(v, kern)
+        v6 = v.reshape(B, S, cps, G, H, W)
+        if v6.stride(-1) != 1:
+            v6 = v6.contiguous()
+        if kern.stride(-1) != 1 or torch.empty_like(kern).stride() != kern.stride():
+            kern = kern.contiguous()                # (a sliced view: its gradient needs a dense layout)
+        ctx.save_for_backward(v6, kern)
+        return fused_extension().forward(v6, kern).view(B, C, G, H, W)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        v6, kern = ctx.saved_tensors
+        B, S, cps, G, H, W = v6.shape
+        gv, gk = fused_extension().backward(v6, kern, gy.reshape(B, S, cps, G, H, W),
+                                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return (gv.view(B, S * cps, G, H, W) if ctx.needs_input_grad[0] else None,
+                gk if ctx.needs_input_grad[1] else None)
+
+
 def dynamic_aggregate(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
     """Involution-like depthwise filtering with per-pixel kernels, "same" zero padding.
 
     ``v (B, C, G, H, W)``, ``kern (B, S, G, K*K, H, W)`` with ``S`` dividing ``C``: channel ``c`` of
     orientation ``g`` is filtered at pixel ``x`` with kernel ``kern[:, c // (C/S), g, :, x]`` (taps
-    row-major over the KxK window centred on ``x``). Returns ``(B, C, G, H, W)``. A loop over taps with
-    in-place accumulation and a hand-written backward (first order): nothing ``K^2`` times the size of
-    ``v`` is materialised, and only ``v`` (padded) and ``kern`` are saved for the backward.
+    row-major over the KxK window centred on ``x``). Returns ``(B, C, G, H, W)``. On the CPU through the
+    fused C++ extension (:func:`fused_extension`), else by :func:`dynamic_aggregate_taps`; both keep
+    only ``v`` and ``kern`` for the backward.
     """
+    if (v.device.type == "cpu" and kern.device.type == "cpu" and v.dtype == kern.dtype
+            and v.dtype in (torch.float32, torch.float64) and not _compiling()
+            and fused_extension() is not None):
+        _shapes(v, kern)
+        return _FusedAggregation.apply(v, kern)
+    return _DynamicAggregation.apply(v, kern)
+
+
+def dynamic_aggregate_taps(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
+    """The reference: the same filtering as a loop over the taps with in-place accumulation and a
+    hand-written backward (first order): nothing ``K^2`` times the size of ``v`` is materialised."""
     return _DynamicAggregation.apply(v, kern)
 
 

@@ -1,0 +1,132 @@
+// eqkit: fused dynamic aggregation (E4-Net, Neural ePDO): per-pixel KxK kernels applied depthwise.
+//
+//   y[b, s, c, g, x] = sum_t k[b, s, g, t, x] * v[b, s, c, g, x + t]      ("same" zero padding)
+//
+// One task per (b, s, g) plane: its K*K kernel planes and the C channel planes of its slice stay in
+// cache while every tap is applied, instead of 25 passes over whole tensors (the tap loop in
+// kit/layers/e4.py, kept as the reference). Forward and the two backward products, float32 and
+// float64; any strides except a contiguous last (W) axis. Same summation order as the tap loop.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+
+namespace {
+
+struct Geo {
+  int64_t B, S, C, G, T, H, W, K, P;
+  int64_t vb, vs, vc, vg, vh;      // strides of v / gv / y / gy (elements): (B, S, C, G, H, W)
+  int64_t kb, ks, kg, kt, kh;      // strides of k / gk: (B, S, G, T, H, W)
+};
+
+Geo geometry(const torch::Tensor& v, const torch::Tensor& k) {
+  TORCH_CHECK(v.dim() == 6 && k.dim() == 6, "eqkit aggregate: v (B,S,C,G,H,W) and k (B,S,G,T,H,W) expected");
+  TORCH_CHECK(v.stride(5) == 1 && k.stride(5) == 1, "eqkit aggregate: the last axis must be contiguous");
+  Geo g;
+  g.B = v.size(0); g.S = v.size(1); g.C = v.size(2); g.G = v.size(3); g.H = v.size(4); g.W = v.size(5);
+  g.T = k.size(3);
+  g.K = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(g.T))));
+  TORCH_CHECK(g.K * g.K == g.T && g.K % 2 == 1, "eqkit aggregate: T must be an odd square");
+  g.P = g.K / 2;
+  g.vb = v.stride(0); g.vs = v.stride(1); g.vc = v.stride(2); g.vg = v.stride(3); g.vh = v.stride(4);
+  g.kb = k.stride(0); g.ks = k.stride(1); g.kg = k.stride(2); g.kt = k.stride(3); g.kh = k.stride(4);
+  return g;
+}
+
+// calls f(b, s, g) for every plane, in parallel
+template <typename F>
+void planes(const Geo& g, F f) {
+  at::parallel_for(0, g.B * g.S * g.G, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      int64_t gg = p % g.G, s = (p / g.G) % g.S, b = p / (g.G * g.S);
+      f(b, s, gg);
+    }
+  });
+}
+
+template <typename scalar_t>
+void forward_impl(const Geo& g, const scalar_t* v, const scalar_t* k, scalar_t* y, int64_t yh) {
+  planes(g, [&](int64_t b, int64_t s, int64_t gg) {
+    const scalar_t* kp = k + b * g.kb + s * g.ks + gg * g.kg;
+    for (int64_t c = 0; c < g.C; ++c) {
+      const scalar_t* vp = v + b * g.vb + s * g.vs + c * g.vc + gg * g.vg;
+      scalar_t* yp = y + ((((b * g.S + s) * g.C + c) * g.G + gg) * g.H) * yh;
+      for (int64_t t = 0; t < g.T; ++t) {
+        const int64_t di = t / g.K - g.P, dj = t % g.K - g.P;
+        const int64_t h0 = std::max<int64_t>(0, -di), h1 = std::min<int64_t>(g.H, g.H - di);
+        const int64_t w0 = std::max<int64_t>(0, -dj), w1 = std::min<int64_t>(g.W, g.W - dj);
+        const scalar_t* kt = kp + t * g.kt;
+        for (int64_t h = h0; h < h1; ++h) {
+          const scalar_t* __restrict__ kr = kt + h * g.kh;
+          const scalar_t* __restrict__ vr = vp + (h + di) * g.vh + dj;
+          scalar_t* __restrict__ yr = yp + h * yh;
+          for (int64_t w = w0; w < w1; ++w) yr[w] += kr[w] * vr[w];
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const Geo& g, const scalar_t* v, const scalar_t* k, const scalar_t* gy, int64_t gyh,
+                   scalar_t* gv, scalar_t* gk) {
+  planes(g, [&](int64_t b, int64_t s, int64_t gg) {
+    const scalar_t* kp = k + b * g.kb + s * g.ks + gg * g.kg;
+    scalar_t* gkp = gk ? gk + b * g.kb + s * g.ks + gg * g.kg : nullptr;
+    for (int64_t c = 0; c < g.C; ++c) {
+      const scalar_t* vp = v + b * g.vb + s * g.vs + c * g.vc + gg * g.vg;
+      const scalar_t* gyp = gy + ((((b * g.S + s) * g.C + c) * g.G + gg) * g.H) * gyh;
+      scalar_t* gvp = gv ? gv + ((((b * g.S + s) * g.C + c) * g.G + gg) * g.H) * g.W : nullptr;
+      for (int64_t t = 0; t < g.T; ++t) {
+        const int64_t di = t / g.K - g.P, dj = t % g.K - g.P;
+        const int64_t h0 = std::max<int64_t>(0, -di), h1 = std::min<int64_t>(g.H, g.H - di);
+        const int64_t w0 = std::max<int64_t>(0, -dj), w1 = std::min<int64_t>(g.W, g.W - dj);
+        for (int64_t h = h0; h < h1; ++h) {
+          const scalar_t* __restrict__ gr = gyp + h * gyh;
+          if (gvp) {                 // grad_v(x + t) += k_t(x) gy(x)
+            const scalar_t* __restrict__ kr = kp + t * g.kt + h * g.kh;
+            scalar_t* __restrict__ gvr = gvp + (h + di) * g.W + dj;
+            for (int64_t w = w0; w < w1; ++w) gvr[w] += kr[w] * gr[w];
+          }
+          if (gkp) {                 // grad_k_t(x) += gy(x) v(x + t), summed over the slice's channels
+            const scalar_t* __restrict__ vr = vp + (h + di) * g.vh + dj;
+            scalar_t* __restrict__ gkr = gkp + t * g.kt + h * g.kh;
+            for (int64_t w = w0; w < w1; ++w) gkr[w] += gr[w] * vr[w];
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+torch::Tensor aggregate_forward(torch::Tensor v, torch::Tensor k) {
+  TORCH_CHECK(v.scalar_type() == k.scalar_type(), "eqkit aggregate: v and k dtypes differ");
+  TORCH_CHECK(v.device().is_cpu() && k.device().is_cpu(), "eqkit aggregate: CPU tensors only");
+  Geo g = geometry(v, k);
+  auto y = torch::zeros({g.B, g.S, g.C, g.G, g.H, g.W}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "eqkit_aggregate_forward", [&] {
+    forward_impl<scalar_t>(g, v.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g.W);
+  });
+  return y;
+}
+
+std::vector<torch::Tensor> aggregate_backward(torch::Tensor v, torch::Tensor k, torch::Tensor gy, bool need_v,
+                                              bool need_k) {
+  Geo g = geometry(v, k);
+  gy = gy.contiguous();
+  torch::Tensor gv, gk;
+  if (need_v) gv = torch::zeros({g.B, g.S, g.C, g.G, g.H, g.W}, v.options());
+  if (need_k) gk = torch::zeros_like(k);           // the kernels' own layout (strides preserved)
+  TORCH_CHECK(!need_k || (gk.strides() == k.strides()), "eqkit aggregate: kernel layout not preserved");
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "eqkit_aggregate_backward", [&] {
+    backward_impl<scalar_t>(g, v.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), g.W,
+                            need_v ? gv.data_ptr<scalar_t>() : nullptr, need_k ? gk.data_ptr<scalar_t>() : nullptr);
+  });
+  return {gv, gk};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &aggregate_forward, "fused dynamic aggregation (forward)");
+  m.def("backward", &aggregate_backward, "fused dynamic aggregation (backward)");
+}
