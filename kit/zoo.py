@@ -341,10 +341,10 @@ def zoo_markdown(rows=None, *, short: bool = False) -> str:
     rows = zoo_rows() if rows is None else rows
     if not rows:
         return f"No zoo weights yet: {REBUILD}."
-    head = ["model", "family", "params", "MACs / image", "epochs / paper", "test % final",
+    head = ["model", "family", "params", "MACs / image", "epochs / preset", "test % final",
             "test % at best val (epoch)", "paper % †", "gap (paper − best val)", "data, recipe"]
     if short:
-        head = ["model", "params", "epochs / paper", "test % final", "test % at best val", "paper % †", "gap"]
+        head = ["model", "params", "epochs / preset", "test % final", "test % at best val", "paper % †", "gap"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in rows:
         p = m["paper_number"]
@@ -386,6 +386,13 @@ def write_report(path=None, *, log=print) -> Path:
             "sweep (`sweeps/zoo.yaml`, `make zoo`); each row is read from its manifest `kit/weights/<model>.json`.\n\n"
             + zoo_markdown() + "\n")
     save_text(text, path)
+    readme = REPO / "README.md"
+    if readme.is_file() and "<!-- zoo-table -->" in readme.read_text():     # the README's short table
+        r = readme.read_text()
+        head, rest = r.split("<!-- zoo-table -->", 1)
+        tail = rest.split("<!-- /zoo-table -->", 1)[1]
+        save_text(head + "<!-- zoo-table -->\n" + zoo_markdown(short=True).split("\n\n")[0]
+                  + "\n<!-- /zoo-table -->" + tail, readme)
     log(f"zoo table: {len(list_pretrained())} model(s) -> {path}")
     return path
 
@@ -489,8 +496,10 @@ def precision_markdown(rows) -> str:
     lines = ["| model | group | float32 error | round-off floor | float64 error | float32 above floor? |",
              "|---|---|---|---|---|---|"]
     for r in rows:
+        verdict = ("not exact by construction (float64 error too)" if r["error_f64"] > 1e-9
+                   else "**yes**" if r["above_floor"] else "no")
         lines.append(f"| `{r['model']}` | {r['group']} | {r['error_f32']:.1e} | {r['floor']:.1e} | "
-                     f"{r['error_f64']:.1e} | {'**yes**' if r['above_floor'] else 'no'} |")
+                     f"{r['error_f64']:.1e} | {verdict} |")
     return "\n".join(lines)
 
 
