@@ -1,16 +1,23 @@
-"""Notebook 03 (E4 dynamic filters) in library form: a calibrated E4-Net, the kernels its first E4
-layer generates at a pixel, and figure builders / ipywidgets explorers on top of them.
+"""Notebook 03 (E4 dynamic filters) in library form: an E4-Net (trained, from the zoo, or untrained
+and calibrated), the kernels its first E4 layer generates at a pixel, and figure builders /
+ipywidgets explorers on top of them.
 
-* :func:`setup` builds ``e4-mnist-normal`` (untrained, batch-norm calibrated on real digits) and
-  picks one real digit; :meth:`Lab.kernels_at` returns the steered dynamic kernels ``(S, |G|, K, K)``
-  the first E4 layer generates at one pixel, one per slice and group element.
+* :func:`setup` builds ``e4-mnist-normal`` and picks one real digit. ``pretrained=True``: the zoo's
+  trained weights (:func:`kit.models.create` with ``pretrained=True``), with the exact untrained
+  initialisation of that training run beside it (:func:`kit.zoo.initial_twin`, batch norm
+  calibrated on real digits) as ``lab.initial``; ``pretrained=False``: a seeded, untrained model,
+  batch norm calibrated on real digits. :meth:`Lab.kernels_at` returns the steered dynamic kernels
+  ``(S, |G|, K, K)`` the first E4 layer generates at one pixel, one per slice and group element.
 * :func:`dynamic_filters_figure`: the digit with the pixel marked, and those kernels.
 * :func:`filter_rotation_figure`: rotate the digit by quarter turns; the kernels at the *rotated*
   pixel are the upright ones, rotated and moved along the group axis (checked numerically).
+* :func:`trained_vs_initial_figure`: the trained model's kernels at a pixel beside those of its
+  initialisation (``pretrained=True`` only), with the kernel norm at every pixel.
 * :func:`static_vs_dynamic_figure`: a G-CNN kernel is the same at every pixel; an E4 kernel is not.
-* :func:`affine_break` / :func:`affine_break_figure`: after randomly perturbing every parameter
-  (as training would), the official per-channel GroupNorm affine breaks equivariance, the kit's
-  per-field affine does not.
+* :func:`affine_break` / :func:`affine_break_figure`: the kit's per-field GroupNorm affine is exact
+  for any values (on the trained weights, and after randomly perturbing every parameter); the
+  official per-channel affine breaks equivariance once its values differ across orientations (no
+  model was trained with it, so that case is a perturbation).
 * :func:`filter_explorer`: sliders for pixel row / column, slice and rotation.
 
 Every figure function returns a matplotlib figure (save it with :func:`kit.viz.save`).
@@ -31,7 +38,8 @@ from .layers.gconv import GroupConv
 from .sample import load_sample
 
 __all__ = ["Lab", "setup", "perturb_parameters", "dynamic_filters_figure", "filter_rotation_figure",
-           "static_vs_dynamic_figure", "affine_break", "affine_break_figure", "filter_explorer"]
+           "trained_vs_initial", "trained_vs_initial_figure", "static_vs_dynamic_figure", "affine_break",
+           "affine_break_figure", "filter_explorer"]
 
 
 def _label(G: Group, g: Element) -> str:
@@ -51,17 +59,38 @@ def perturb_parameters(module: nn.Module, *, seed: int = 1, scale: float = 0.5) 
 
 @dataclass
 class Lab:
-    """A calibrated E4 model, its first E4 layer, and one real digit ``x (1, 1, H, W)``."""
+    """An E4 model (trained, or untrained and calibrated), its first E4 layer, and one real digit
+    ``x (1, 1, H, W)``. ``initial``: for a trained model, the same architecture at the exact
+    weights its training started from (a ``Lab`` on the same digit and pixel), else ``None``."""
 
     model: nn.Module
     layer: E4Conv
     stem: nn.Module          # the model up to the first E4 layer (lift -> BN -> ReLU)
     x: torch.Tensor
     pixel: tuple[int, int]   # a default pixel on the digit's stroke
+    name: str = "e4-mnist-normal"
+    pretrained: bool = False
+    initial: "Lab | None" = None
 
     @property
     def group(self) -> Group:
         return self.layer.in_type.group
+
+    @property
+    def state(self) -> str:
+        """``"trained"`` or ``"untrained"`` (for titles)."""
+        return "trained" if self.pretrained else "untrained"
+
+    def describe(self) -> str:
+        """One line: which model, which weights (the zoo manifest's accuracies for a trained one)."""
+        if not self.pretrained:
+            return f"{self.name}: untrained (seeded), batch norm calibrated on real digits"
+        from . import zoo
+        m = zoo.manifest(self.name)
+        return (f"{self.name}: trained by the zoo ({m['epochs']} epochs of the {m['preset']} recipe scaled, "
+                f"{m.get('dataset_label', m['dataset'])}); test accuracy {m['final_test_acc']:.2f} % (final), "
+                f"{m['test_acc_at_best_val']:.2f} % (best-val epoch); initial twin: seed {m['seed']}, "
+                f"batch norm calibrated on real digits")
 
     @torch.no_grad()
     def features(self, x: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,36 +125,69 @@ class Lab:
         return divmod(i, W)
 
 
-def setup(*, name: str = "e4-mnist-normal", seed: int = 0, digit: int = 3, calibration: int = 128) -> Lab:
-    """Build ``name`` (seeded, untrained, batch norm calibrated on ``calibration`` real digits, eval
-    mode) and pick digit ``digit`` of the bundled sample; the default pixel is the brightest one
-    within 8 pixels of the centre."""
+class _Preprocess(nn.Module):
+    """The input standardisation of a :class:`kit.zoo.Standardized` model, as a stem module."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.preprocess(x)
+
+
+def _split(model: nn.Module) -> tuple[nn.Module, E4Conv]:
+    """``(stem, first E4 layer)``: the model up to its first E4 layer (input standardisation included)."""
+    layers = list(model.layers)
+    first = next(i for i, m in enumerate(layers) if isinstance(m, E4Conv))
+    pre = [_Preprocess(model)] if hasattr(model, "preprocess") else []
+    return nn.Sequential(*pre, *layers[:first]).eval(), layers[first]
+
+
+def setup(*, name: str = "e4-mnist-normal", seed: int = 0, digit: int = 3, calibration: int = 128,
+          pretrained: bool = False) -> Lab:
+    """Pick digit ``digit`` of the bundled sample and build ``name`` in eval mode.
+
+    ``pretrained=False``: seeded with ``seed``, untrained, batch norm calibrated on the last
+    ``calibration`` real digits. ``pretrained=True``: the zoo's trained weights (batch-norm
+    statistics as trained; ``seed`` is not used), and ``lab.initial``, the untrained twin of that
+    zoo run (:func:`kit.zoo.initial_twin`, calibrated on the same digits); without zoo weights for
+    ``name`` it raises the zoo's error. The default pixel is the brightest one within 8 pixels of
+    the centre."""
     imgs = load_sample()["images"] * disk_mask(28, 28).float()                 # (N, 1, 28, 28)
     if not 0 <= digit < imgs.shape[0] - calibration:
         raise ValueError(f"digit must be in [0, {imgs.shape[0] - calibration}), got {digit}")
-    torch.manual_seed(seed)
-    model = models.calibrate_batchnorm(models.create(name), imgs[-calibration:])
-    layers = list(model.layers)
-    first = next(i for i, m in enumerate(layers) if isinstance(m, E4Conv))
-    stem = nn.Sequential(*layers[:first]).eval()
     x = imgs[digit:digit + 1]
     near = disk_mask(28, 28, radius=8.0).float()
-    r, c = divmod(int((x[0, 0] * near).argmax()), x.shape[-1])
-    return Lab(model, layers[first], stem, x, (r, c))
+    pixel = divmod(int((x[0, 0] * near).argmax()), x.shape[-1])
+    if pretrained:
+        from . import zoo
+        model = models.create(name, pretrained=True)                           # the zoo's clear error if absent
+        twin = zoo.initial_twin(name, calibrate=imgs[-calibration:])
+        initial = _lab(twin, x, pixel, name=name)
+        return _lab(model, x, pixel, name=name, pretrained=True, initial=initial)
+    torch.manual_seed(seed)
+    model = models.calibrate_batchnorm(models.create(name), imgs[-calibration:])
+    return _lab(model, x, pixel, name=name)
+
+
+def _lab(model, x, pixel, **kw) -> Lab:
+    stem, layer = _split(model)
+    return Lab(model=model, layer=layer, stem=stem, x=x, pixel=pixel, **kw)
 
 
 # ------------------------------------------------------------------------------ drawing helpers
 def _kernel(ax, k, vmax, title=None):
-    ax.imshow(k.detach().float(), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+    ax.imshow(k.detach().float().numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
     K = k.shape[-1]
     ax.plot([K // 2], [K // 2], marker="+", color="black", ms=6, mew=1)          # the kernel's centre
     ax.set_xticks([]), ax.set_yticks([])
     if title:
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=9)
 
 
 def _digit(ax, x, pixels, title=None):
-    ax.imshow(x[0, 0].detach(), cmap="gray")
+    ax.imshow(x[0, 0].detach().numpy(), cmap="gray")
     for name, (r, c) in pixels.items():
         ax.plot(c, r, marker="s", ms=7, mfc="none", mec="#ff3333", mew=1.5)
         if name:
@@ -163,10 +225,23 @@ def dynamic_filters_figure(lab: Lab, row: int | None = None, col: int | None = N
             ax = fig.add_subplot(gs[s, 2 + i])
             _kernel(ax, k[s, i], vmax, f"g = {_label(G, g)}" if s == 0 else None)
             if i == 0:
-                ax.set_ylabel(f"slice {s}", fontsize=8)
-    fig.suptitle(f"E4 kernels generated at one pixel (first E4 layer, {lab.layer.kernel_size}x"
-                 f"{lab.layer.kernel_size}, colour scale ±{vmax:.2f}; + = the pixel)", fontsize=9)
+                ax.set_ylabel(f"slice {s}", fontsize=9)
+    fig.suptitle(f"E4 kernels generated at one pixel ({lab.state} {lab.name}, first E4 layer, "
+                 f"{lab.layer.kernel_size}x{lab.layer.kernel_size}, colour scale ±{vmax:.2f}; + = the pixel)",
+                 fontsize=9)
     return fig
+
+
+def rotated_kernels(lab: Lab, row: int, col: int, element: Element):
+    """Rotate the digit by ``element``: ``(upright, measured, predicted)`` kernels ``(S, |G|, K, K)``
+    at pixel ``(row, col)`` of the upright digit, at the moved pixel of the rotated digit, and the
+    prediction of equivariance ``K'(u p, h) = u . K(p, u^-1 h)`` from the upright ones."""
+    G, u = lab.group, element
+    k0 = lab.kernels_at(row, col)                                                # (S, G, K, K)
+    r, c = lab.move_pixel(row, col, u)
+    k1 = lab.kernels_at(r, c, lab.rotated(u))                                    # (S, G, K, K)
+    pred = torch.stack([G.act_on_image(k0[:, G.index(G.compose(G.inverse(u), h))], u) for h in G.elements], 1)
+    return k0, k1, pred
 
 
 def filter_rotation_figure(lab: Lab, row: int | None = None, col: int | None = None, *, quarter_turns: int = 1,
@@ -179,11 +254,9 @@ def filter_rotation_figure(lab: Lab, row: int | None = None, col: int | None = N
     row, col = (lab.pixel if row is None else (row, col if col is not None else lab.pixel[1]))
     G = lab.group
     u = G.element(quarter_turns % G.n)
-    k0 = lab.kernels_at(row, col)[slice]                                         # (G, K, K)
     xr = lab.rotated(u)
     r, c = lab.move_pixel(row, col, u)
-    k1 = lab.kernels_at(r, c, xr)[slice]                                          # (G, K, K)
-    pred = torch.stack([G.act_on_image(k0[G.index(G.compose(G.inverse(u), h))], u) for h in G.elements])
+    k0, k1, pred = (k[slice] for k in rotated_kernels(lab, row, col, u))          # (G, K, K) each
     err = float((k1 - pred).abs().max())
     vmax = _vmax(k0, k1)
     fig = plt.figure(figsize=(2.6 + 1.25 * G.order, 4.6))
@@ -193,15 +266,98 @@ def filter_rotation_figure(lab: Lab, row: int | None = None, col: int | None = N
     ax = fig.add_subplot(gs[2, 0])
     ax.axis("off")
     ax.text(0.5, 0.5, f"prediction:\nupright kernel of\ng' = u⁻¹g, rotated\nby u = {_label(G, u)}",
-            ha="center", va="center", fontsize=8, transform=ax.transAxes)
+            ha="center", va="center", fontsize=9, transform=ax.transAxes)
     for i, h in enumerate(G.elements):
         src = G.compose(G.inverse(u), h)
         _kernel(fig.add_subplot(gs[0, 1 + i]), k0[i], vmax, f"g = {_label(G, h)}")
         _kernel(fig.add_subplot(gs[1, 1 + i]), k1[i], vmax)
         _kernel(fig.add_subplot(gs[2, 1 + i]), pred[i], vmax, f"rot({_label(G, src)} kernel)")
     fig.suptitle(f"Rotate the digit by {90 * (quarter_turns % G.n)}°: the kernel moves with the pixel, rotates, "
-                 f"and shifts along the group axis\n(slice {slice}; colour scale ±{vmax:.2f}; "
-                 f"max |middle − bottom| = {err:.1e}: float rounding)", fontsize=9, y=1.03)
+                 f"and shifts along the group axis\n({lab.state} {lab.name}, slice {slice}; colour scale "
+                 f"±{vmax:.2f}; max |middle − bottom| = {err:.1e}: float rounding)", fontsize=9, y=1.03)
+    fig.max_error = err
+    return fig
+
+
+def _norm_map(lab: Lab) -> torch.Tensor:
+    """The norm of all kernels generated at each pixel (slices and group elements together), ``(H, W)``."""
+    return lab.kernel_field().flatten(0, 3).norm(dim=0)
+
+
+def trained_vs_initial(lab: Lab, row: int | None = None, col: int | None = None) -> dict:
+    """The trained model's kernels at pixel ``(row, col)`` beside its initial twin's (``lab`` from
+    ``setup(pretrained=True)``). Returns ``trained`` / ``initial`` kernels ``(S, |G|, K, K)``,
+    ``norm_trained`` / ``norm_initial`` (the kernel norm at every pixel, ``(H, W)``) and numbers:
+    ``rms_trained`` / ``rms_initial`` (rms tap at the pixel), ``relative_change``
+    ``||K_t - K_0|| / ||K_0||``, ``cosine`` between them, ``stroke_ratio_*`` (mean kernel norm on
+    the stroke, digit > 0.5, over the mean on the background, digit = 0, inside the disk) and
+    ``rotation_error``: the largest ``|K'(u p) - u . K(p)|`` of the trained kernels over the quarter
+    turns, relative to their largest tap (float noise: exact); ``positive_trained`` /
+    ``positive_initial``: per slice, the share of positive taps at the pixel."""
+    if lab.initial is None:
+        raise ValueError("trained_vs_initial needs a lab from e4viz.setup(pretrained=True) "
+                         "(a trained model and its initial twin)")
+    row, col = (lab.pixel if row is None else (row, col if col is not None else lab.pixel[1]))
+    kt, k0 = lab.kernels_at(row, col), lab.initial.kernels_at(row, col)
+    nt, n0 = _norm_map(lab), _norm_map(lab.initial)
+    img = lab.x[0, 0]
+    disk = disk_mask(*img.shape)
+    stroke, back = img > 0.5, (img == 0) & disk
+
+    def ratio(n):
+        return float(n[stroke].mean() / n[back].mean())
+
+    G = lab.group
+    rot = []
+    for q in range(1, G.n):
+        _, k1, pred = rotated_kernels(lab, row, col, G.element(q))
+        rot.append(float((k1 - pred).abs().max() / k1.abs().max()))
+    return dict(trained=kt, initial=k0, norm_trained=nt, norm_initial=n0, pixel=(row, col),
+                rms_trained=float(kt.pow(2).mean().sqrt()), rms_initial=float(k0.pow(2).mean().sqrt()),
+                relative_change=float((kt - k0).norm() / k0.norm()),
+                cosine=float((kt * k0).sum() / (kt.norm() * k0.norm())),
+                stroke_ratio_trained=ratio(nt), stroke_ratio_initial=ratio(n0), rotation_error=max(rot),
+                positive_trained=[round(float((k > 0).float().mean()), 3) for k in kt],
+                positive_initial=[round(float((k > 0).float().mean()), 3) for k in k0])
+
+
+def trained_vs_initial_figure(lab: Lab, row: int | None = None, col: int | None = None):
+    """Top block: the kernels the *trained* first E4 layer generates at pixel ``(row, col)`` (one row
+    per slice, one column per group element); bottom block: the same pixel in the untrained twin the
+    training started from. Each block on its own colour scale (given in its row labels); right: the
+    kernel norm at every pixel, trained and initial. The numbers of :func:`trained_vs_initial` are
+    in the title and in ``fig.stats``."""
+    st = trained_vs_initial(lab, row, col)
+    row, col = st["pixel"]
+    G = lab.group
+    S = st["trained"].shape[0]
+    fig = plt.figure(figsize=(4.2 + 1.3 * G.order + 3.2, 1.0 + 1.35 * 2 * S))
+    gs = fig.add_gridspec(2 * S, G.order + 4, width_ratios=[2.4, 0.45] + [1] * G.order + [0.3, 2.4],
+                          wspace=0.12, hspace=0.3)
+    _digit(fig.add_subplot(gs[:, 0]), lab.x, {"": (row, col)}, f"digit, pixel ({row}, {col})")
+    blocks = (("trained", st["trained"], st["norm_trained"], st["stroke_ratio_trained"], st["positive_trained"]),
+              ("initial", st["initial"], st["norm_initial"], st["stroke_ratio_initial"], st["positive_initial"]))
+    for b, (what, k, norm, ratio, pos) in enumerate(blocks):
+        vmax = _vmax(k)
+        for s in range(S):
+            for i, g in enumerate(G.elements):
+                ax = fig.add_subplot(gs[b * S + s, 2 + i])
+                _kernel(ax, k[s, i], vmax, f"g = {_label(G, g)}" if b == 0 and s == 0 else None)
+                if i == 0:
+                    ax.set_ylabel(f"{what}, slice {s}\n{pos[s]:.0%} taps > 0" + (f"\n(scale ±{vmax:.2f})" if s == 0 else ""),
+                                  fontsize=9)
+        ax = fig.add_subplot(gs[b * S:(b + 1) * S, G.order + 3])
+        im = ax.imshow(norm.numpy(), cmap="viridis")
+        ax.plot(col, row, marker="s", ms=6, mfc="none", mec="#ff3333", mew=1.2)
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_title(f"{what}: kernel norm per pixel\n(stroke / background {ratio:.1f}x)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=9)
+    fig.suptitle(f"{lab.name}: kernels of the first E4 layer at one pixel, trained (top) vs the initial weights "
+                 f"of the same run (bottom)\nrms tap {st['rms_trained']:.3f} vs {st['rms_initial']:.3f}; "
+                 f"||K_trained − K_initial|| / ||K_initial|| = {st['relative_change']:.2f}, cosine "
+                 f"{st['cosine']:.2f}; trained kernels at the rotated pixel = rotated kernels to "
+                 f"{st['rotation_error']:.0e}", fontsize=10, y=0.995)
+    fig.stats = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
     return fig
 
 
@@ -227,95 +383,129 @@ def static_vs_dynamic_figure(lab: Lab, pixels: dict[str, tuple[int, int]] | None
     ve, vg = _vmax(*ek.values()), _vmax(gk)
     n = len(pixels)
     fig = plt.figure(figsize=(2.4 + 1.3 * n + 2.6, 3.6))
-    gs = fig.add_gridspec(2, n + 2, width_ratios=[2.0] + [1] * n + [2.0], wspace=0.2, hspace=0.35)
+    gs = fig.add_gridspec(2, n + 2, width_ratios=[2.0] + [1] * n + [2.0], wspace=0.3, hspace=0.35)
     _digit(fig.add_subplot(gs[:, 0]), lab.x, pixels, "digit, pixels A, B, C")
     for j, name in enumerate(pixels):
         ax = fig.add_subplot(gs[0, 1 + j])
         _kernel(ax, ek[name], ve, f"pixel {name}")
         if j == 0:
-            ax.set_ylabel("E4 (dynamic)", fontsize=8)
+            ax.set_ylabel("E4\n(dynamic)", fontsize=9)
         ax = fig.add_subplot(gs[1, 1 + j])
         _kernel(ax, gk, vg)
         if j == 0:
-            ax.set_ylabel("G-CNN (static)", fontsize=8)
+            ax.set_ylabel("G-CNN\n(static)", fontsize=9)
     norm = field.flatten(0, 1).norm(dim=0)                                          # (H, W)
     ax = fig.add_subplot(gs[0, n + 1])
-    im = ax.imshow(norm, cmap="viridis")
+    im = ax.imshow(norm.numpy(), cmap="viridis")
     ax.set_xticks([]), ax.set_yticks([])
-    ax.set_title("E4: kernel norm per pixel", fontsize=8)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+    ax.set_title("E4: kernel norm per pixel", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=9)
     ax = fig.add_subplot(gs[1, n + 1])
-    ax.imshow(torch.full((H, W), float(gk.norm())), cmap="viridis", vmin=0, vmax=2 * float(gk.norm()))
+    ax.imshow(torch.full((H, W), float(gk.norm())).numpy(), cmap="viridis", vmin=0, vmax=2 * float(gk.norm()))
     ax.set_xticks([]), ax.set_yticks([])
-    ax.set_title(f"G-CNN: {float(gk.norm()):.2f} everywhere", fontsize=8)
-    fig.suptitle(f"Static vs dynamic filters (group element {_label(G, G.elements[element])}, "
-                 f"E4 slice {slice}; each row on its own colour scale)", fontsize=9)
+    ax.set_title(f"G-CNN: {float(gk.norm()):.2f} everywhere", fontsize=9)
+    fig.suptitle(f"Static vs dynamic filters: {lab.state} {lab.name} vs a random GroupConv of the same width\n"
+                 f"(group element {_label(G, G.elements[element])}, E4 slice {slice}; each row on its own colour "
+                 f"scale)", fontsize=9, y=1.02)
     return fig
 
 
 @torch.no_grad()
 def affine_break(lab: Lab, *, seed: int = 1, scale: float = 0.5) -> dict:
     """The first E4 layer with per-field (kit) and per-channel (official) GroupNorm affine, same
-    weights, measured with :func:`kit.equivariance.check` on the digit's features at initialisation
-    and after :func:`perturb_parameters`. Returns ``{(affine, state): [Record]}`` plus the
-    difference maps ``|f(g x) - g f(x)|`` (summed over channels) at 90° after perturbation under
-    ``"maps"``."""
+    weights, measured with :func:`kit.equivariance.check` on the digit's features.
+
+    Untrained ``lab``: each version at initialisation (affine 1/0) and after
+    :func:`perturb_parameters` (noise that mimics training), states ``"init"`` / ``"perturbed"``.
+    Trained ``lab`` (``setup(pretrained=True)``): states ``"trained"`` -- per field, the zoo model's
+    layer exactly as trained; per channel, the same weights with each field's trained (gamma, beta)
+    copied to all its orientations, the only per-channel affine these weights define -- and
+    ``"trained + noise"``, both after :func:`perturb_parameters`. No model was trained with a
+    per-channel affine, so its break is always shown on perturbed values.
+
+    Returns ``{(affine, state): [Record]}``, ``"keys"`` (those pairs in drawing order) and
+    ``"maps"``: ``{(affine, state): |f(g x) - g f(x)|}`` at 90° (summed over channels, in the disk)
+    for the per-field layer as trained (untrained lab: perturbed) and the perturbed per-channel one.
+    """
     base = lab.layer
     x = lab.features()                                                             # (1, C, G, H, W)
     G = lab.group
-    out, maps = {}, {}
+    first, second = ("trained", "trained + noise") if lab.pretrained else ("init", "perturbed")
+    out, maps, keys = {}, {}, []
+    u = G.element(1)
+
+    def diff(m):
+        d = (m(m.in_type.transform(x, u)) - m.out_type.transform(m(x), u)).abs().sum(dim=(1, 2))[0]  # (H, W)
+        return d * disk_mask(*d.shape).to(d.dtype)
+
     for affine in ("per_field", "per_channel"):
         m = E4Conv(group=G, in_fields=base.in_type.n_fields, out_fields=base.out_type.n_fields,
                    kernel_size=base.kernel_size, reduction=base.reduction,
                    channels_per_slice=base.channels_per_slice, affine=affine).eval()
         state = {k: v for k, v in base.state_dict().items() if not k.startswith("norm.")}
-        m.load_state_dict(state, strict=False)                                     # norm stays at its 1/0 init
-        out[(affine, "init")] = check(m, x=x)
+        m.load_state_dict(state, strict=False)                                     # norm at its 1/0 init
+        if lab.pretrained and base.norm.affine is not None:                        # the trained (gamma, beta)
+            for t in ("weight", "bias"):
+                v = getattr(base.norm, t)                                           # (C,) per field, or (C, D)
+                dst = getattr(m.norm, t)
+                dst.copy_(v if v.shape == dst.shape else v[:, None].expand_as(dst))
+        out[(affine, first)] = check(m, x=x)
+        if affine == "per_field":
+            maps[(affine, first)] = diff(m)
         perturb_parameters(m, seed=seed, scale=scale)
-        out[(affine, "perturbed")] = check(m, x=x)
-        u = G.element(1)
-        t = m.in_type
-        d = (m(t.transform(x, u)) - m.out_type.transform(m(x), u)).abs().sum(dim=(1, 2))[0]   # (H, W)
-        maps[affine] = d * disk_mask(*d.shape).to(d.dtype)
-    out["maps"] = maps
+        out[(affine, second)] = check(m, x=x)
+        keys += [(affine, first), (affine, second)]
+        if affine == "per_channel" or not lab.pretrained:
+            maps[(affine, second)] = diff(m)
+    if not lab.pretrained:
+        maps.pop(("per_field", first))
+    out["keys"], out["maps"] = keys, maps
+    out["pretrained"] = lab.pretrained
     return out
+
+
+def _state_label(affine, state):
+    return f"{affine.replace('_', '-')} affine, {state}"
 
 
 def affine_break_figure(result: dict, *, tol: float = 1e-5):
     """Bars: relative equivariance error per group element (log scale) for per-field / per-channel
-    GroupNorm affine, at initialisation and after perturbation; maps: where the 90° error lives."""
-    keys = [("per_field", "init"), ("per_field", "perturbed"), ("per_channel", "init"), ("per_channel", "perturbed")]
+    GroupNorm affine in each state of :func:`affine_break`; maps: where the 90° error lives."""
+    keys = result.get("keys") or [("per_field", "init"), ("per_field", "perturbed"), ("per_channel", "init"),
+                                  ("per_channel", "perturbed")]
     colors = ["#9ecae1", "#08519c", "#fcbba1", "#cb181d"]
     recs = result[keys[0]]
     labels = [f"{r.angle:g}°" + (" m" if r.mirror else "") for r in recs]
     floor = 1e-9
-    fig = plt.figure(figsize=(11, 3.6))
+    fig = plt.figure(figsize=(12.5, 4.2))
     gs = fig.add_gridspec(1, 3, width_ratios=[2.2, 1, 1], wspace=0.25)
     ax = fig.add_subplot(gs[0])
     w = 0.8 / len(keys)
     for j, (key, col) in enumerate(zip(keys, colors)):
         errs = [max(r.error, floor) for r in result[key]]
-        ax.bar([i + (j - 1.5) * w for i in range(len(recs))], errs, w, color=col,
-               label=f"{key[0].replace('_', '-')} affine, {key[1]}")
+        ax.bar([i + (j - (len(keys) - 1) / 2) * w for i in range(len(recs))], errs, w, color=col,
+               label=_state_label(*key))
     ax.axhline(tol, color="black", ls="--", lw=1)
-    ax.text(len(recs) - 0.5, tol * 1.6, f"tolerance {tol:g}", ha="right", fontsize=7)
+    ax.text(-0.45, tol / 2.5, f"tolerance {tol:g}", ha="left", va="top", fontsize=9)
     ax.set_yscale("log")
-    ax.set_ylim(floor / 2, 1e4)                                                   # room for the legend
+    ax.set_ylim(floor / 2, 1e5)                                                   # room for the legend
     ax.set_xticks(range(len(recs)))
-    ax.set_xticklabels(labels)
-    ax.set_xlabel("group element")
-    ax.set_ylabel(f"relative error (values < {floor:g} drawn at {floor:g})", fontsize=8)
-    ax.legend(fontsize=7, loc="upper left", ncol=2)
-    ax.set_title("E4 layer equivariance error: GroupNorm affine per field vs per channel", fontsize=9)
+    ax.set_xticklabels(labels, fontsize=9)
+    ax.tick_params(labelsize=9)
+    ax.set_xlabel("group element", fontsize=9)
+    ax.set_ylabel(f"relative error (< {floor:g} drawn at {floor:g})", fontsize=9)
+    ax.legend(fontsize=9, loc="upper left", ncol=1)
+    which = "trained weights" if result.get("pretrained") else "untrained weights"
+    ax.set_title(f"E4 layer equivariance error ({which}): GroupNorm affine per field vs per channel", fontsize=9)
     maps = result["maps"]
     vmax = max(float(m.max()) for m in maps.values()) or 1.0
-    for k, (affine, m) in enumerate(maps.items()):
+    for k, ((affine, state), m) in enumerate(maps.items()):
         a = fig.add_subplot(gs[1 + k])
-        im = a.imshow(m, cmap="magma", vmin=0, vmax=vmax)
+        im = a.imshow(m.numpy(), cmap="magma", vmin=0, vmax=vmax)
         a.set_xticks([]), a.set_yticks([])
-        a.set_title(f"|f(r·x) − r·f(x)|, {affine.replace('_', '-')}\n(perturbed, 90°, max {float(m.max()):.1e})",
-                    fontsize=8)
-    fig.colorbar(im, ax=a, fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
+        a.set_title(f"|f(r·x) − r·f(x)| at 90°\n{_state_label(affine, state)}\nmax {float(m.max()):.1e}",
+                    fontsize=9)
+    fig.colorbar(im, ax=a, fraction=0.046, pad=0.04).ax.tick_params(labelsize=9)
     return fig
 
 

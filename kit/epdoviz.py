@@ -2,13 +2,20 @@
 pixel of a real digit, the 5x5 stencil they make, how both transform when the digit is rotated, the
 three discretisations side by side, and the equivariance error at the C16 angles.
 
-* :func:`setup` builds the stem (lift -> BN -> ReLU) and the first Neural ePDO layer of an untrained
-  ``nepdo-mnist-regular-*`` model, batch norm calibrated on real digits, and picks a digit.
+* :func:`setup` builds the stem (lift -> BN -> ReLU) and the first Neural ePDO layer of a
+  ``nepdo-mnist-regular-*`` model and picks a digit. ``pretrained=True``: the zoo's trained
+  :data:`ZOO_MODEL` (``nepdo-mnist-regular-fd-small``: the reduced **C8** variant, widths
+  8/8/16/16/16/32, g=2, s=2, fd stencils, trained because the C16 paper model trains at ~7 img/s
+  on a 2-core CPU), with its untrained twin (:func:`kit.zoo.initial_twin`, batch norm calibrated
+  on real digits) as ``lab.initial``; ``pretrained=False``: the untrained C16 paper model with the
+  chosen discretisation, batch norm calibrated on real digits.
 * :meth:`Lab.at` returns the normalised coefficients ``(g, d, 15)`` and stencils ``(g, d, 5, 5)`` at a pixel.
 * :func:`coefficients_figure`: the digit with the pixel, one bar per differential operator, the stencil.
+* :func:`trained_vs_initial_figure`: the coefficients of the trained layer at a pixel beside those
+  of its initialisation, and how the coefficient mass splits over the derivative orders.
 * :func:`rotation_figure`: rotate the digit by 90 degrees: at the rotated pixel the coefficients are
-  the upright ones moved along the group axis and transformed by ``D^-T`` (exact); at 22.5 degrees
-  (centre pixel, interpolated digit) approximately.
+  the upright ones moved along the group axis and transformed by ``D^-T`` (exact); by the group's
+  smallest angle (22.5° for C16, 45° for C8; centre pixel, interpolated digit) approximately.
 * :func:`discretisations_figure`: fd / gauss / rbffd stencils of a few operators, and the stencil
   generated at the pixel by the same coefficients under each discretisation.
 * :func:`error_vs_angle_figure`: lift and Neural ePDO errors at every multiple of 22.5 degrees, per
@@ -39,54 +46,134 @@ from .layers.stencils import component_name, components
 from .models import epdo as _epdo_models  # noqa: F401  (registers the nepdo-* models)
 from .sample import load_sample
 
-__all__ = ["Lab", "setup", "coefficients_figure", "rotation_figure", "discretisations_figure",
-           "angle_errors", "error_vs_angle_figure", "coefficient_explorer", "precision_by_depth",
-           "precision_figure", "OPERATOR_NAMES"]
+__all__ = ["Lab", "setup", "coefficients_figure", "trained_vs_initial", "trained_vs_initial_figure",
+           "rotation_figure", "discretisations_figure", "angle_errors", "error_vs_angle_figure",
+           "coefficient_explorer", "precision_by_depth", "precision_figure", "OPERATOR_NAMES", "ZOO_MODEL"]
 
 OPERATOR_NAMES = [component_name(i, j) for i, j in components(4)]
+OPERATOR_ORDERS = [i + j for i, j in components(4)]
+ZOO_MODEL = "nepdo-mnist-regular-fd-small"   # the Neural ePDO net of the trained zoo (C8, reduced)
 _METHOD_KW = {"fd": None, "gauss": {"normalize": False}, "rbffd": None}
 
 
 @dataclass
 class Lab:
-    """The stem and first Neural ePDO layer of an untrained, calibrated model, and one digit."""
+    """The stem and first Neural ePDO layer of a model (trained, or untrained and calibrated), and one
+    digit. ``initial``: for a trained model, the same two stages at the exact weights its training
+    started from (a ``Lab`` on the same digit and pixel), else ``None``."""
 
     stem: nn.Module
     layer: NeuralEPDOConv
     x: torch.Tensor            # (1, 1, 28, 28)
     pixel: tuple[int, int]
     method: str
+    name: str = ""
+    pretrained: bool = False
+    initial: "Lab | None" = None
 
     @property
     def group(self):
         return self.layer.in_type.group
 
+    @property
+    def state(self) -> str:
+        """``"trained"`` or ``"untrained"`` (for titles)."""
+        return "trained" if self.pretrained else "untrained"
+
+    def describe(self) -> str:
+        """One line: which model, which weights (the zoo manifest's accuracies for a trained one)."""
+        G, L = self.group, self.layer
+        arch = f"{G.name} regular fields, g={L.g}, s={L.s}, {self.method} stencils"
+        if not self.pretrained:
+            return f"{self.name} ({arch}): untrained (seeded), batch norm calibrated on real digits"
+        from . import zoo
+        m = zoo.manifest(self.name)
+        return (f"{self.name} ({arch}): trained by the zoo ({m['epochs']} epochs of the {m['preset']} recipe "
+                f"scaled, {m.get('dataset_label', m['dataset'])}); test accuracy {m['final_test_acc']:.2f} % "
+                f"(final), {m['test_acc_at_best_val']:.2f} % (best-val epoch); initial twin: seed {m['seed']}, "
+                f"batch norm calibrated on real digits")
+
+    def check_slot(self, slot: int, component: int) -> None:
+        """A clear error for a generated field / group component this layer does not have."""
+        g, d = self.layer.g, self.group.order
+        if not 0 <= slot < g:
+            raise ValueError(f"slot must be in [0, {g}) (g = {g} generated fields per partition in {self.name}), "
+                             f"got {slot}")
+        if not 0 <= component < d:
+            raise ValueError(f"component must be in [0, {d}) (the {self.group.name} group axis), got {component}")
+
     def at(self, x: torch.Tensor, row: int, col: int):
         """``(coefficients (g, d, 15), stencils (g, d, 5, 5))`` generated at pixel (row, col) of ``x``."""
+        c, k = self.field(x)
+        return c[..., row, col], k[..., row, col].reshape(*k.shape[:2], KERNEL_SIZE, KERNEL_SIZE)
+
+    def field(self, x: torch.Tensor | None = None):
+        """``(coefficients (g, d, 15, H, W), stencils (g, d, 25, H, W))`` at every pixel of ``x``."""
         with torch.no_grad():
-            k, c = self.layer.generate(self.stem(x), coefficients=True)       # (1, g, d, 25|15, H, W)
-        return c[0, ..., row, col], k[0, ..., row, col].reshape(*k.shape[1:3], KERNEL_SIZE, KERNEL_SIZE)
+            k, c = self.layer.generate(self.stem(self.x if x is None else x), coefficients=True)
+        return c[0], k[0]
 
 
-def setup(*, seed: int = 0, digit: int = 3, method: str = "gauss", size: int = 28) -> Lab:
-    """Build ``nepdo-mnist-regular-<method>``'s first two stages (untrained, BN calibrated on 64 digits)."""
-    torch.manual_seed(seed)
-    name = "nepdo-mnist-regular-gauss" if method == "gauss" else "nepdo-mnist-regular-fd"
-    model = models.create(name, method=method, stencil_kw=_METHOD_KW[method])
+class _Preprocess(nn.Module):
+    """The input standardisation of a :class:`kit.zoo.Standardized` model, as a stem module."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.preprocess(x)
+
+
+def _stem(model: nn.Module) -> nn.Module:
     stem = EquivariantSequential(*model.layers[:3])
-    layer = model.layers[3]
+    return nn.Sequential(_Preprocess(model), stem) if hasattr(model, "preprocess") else stem
+
+
+def setup(*, seed: int = 0, digit: int = 3, method: str | None = None, size: int = 28,
+          pretrained: bool = False, name: str | None = None) -> Lab:
+    """The first two stages of a Neural ePDO MNIST-rot net and one digit of the bundled sample.
+
+    ``pretrained=False``: ``nepdo-mnist-regular-<method>`` (C16; ``method`` "fd", "gauss" (default)
+    or "rbffd"), seeded with ``seed``, untrained, batch norm calibrated on 64 real digits.
+    ``pretrained=True``: the zoo's trained ``name`` (default :data:`ZOO_MODEL`, the reduced C8 fd
+    net; ``method`` must be None or the model's), batch-norm statistics as trained, and
+    ``lab.initial``, its untrained twin (:func:`kit.zoo.initial_twin`, calibrated on the same 64
+    digits); without zoo weights it raises the zoo's error. The default pixel is the brightest on
+    the stroke near the centre."""
     imgs = load_sample()["images"] * disk_mask(28, 28).float()
     if size != 28:
         imgs = F.interpolate(imgs, size=(size, size), mode="bilinear", align_corners=False)
         imgs = imgs * disk_mask(size, size).float()
-    models.calibrate_batchnorm(stem, imgs[:64])
-    stem.eval()
-    layer.eval()
     x = imgs[digit:digit + 1]
     # default pixel: the brightest pixel on the stroke near the centre
     w = x[0, 0] * disk_mask(size, size, radius=size / 4).float()
-    r, c = divmod(int(w.argmax()), size)
-    return Lab(stem=stem, layer=layer, x=x, pixel=(r, c), method=method)
+    pixel = divmod(int(w.argmax()), size)
+    if pretrained:
+        from . import zoo
+        name = name or ZOO_MODEL
+        model = models.create(name, pretrained=True)                           # the zoo's clear error if absent
+        twin = zoo.initial_twin(name, calibrate=imgs[:64])
+        layer = model.layers[3]
+        if method not in (None, layer.method):
+            raise ValueError(f"the trained {name} uses {layer.method!r} stencils; method={method!r} is only for "
+                             f"the untrained path (pretrained=False)")
+        initial = Lab(stem=_stem(twin).eval(), layer=twin.layers[3].eval(), x=x, pixel=pixel, method=layer.method,
+                      name=name)
+        return Lab(stem=_stem(model).eval(), layer=layer.eval(), x=x, pixel=pixel, method=layer.method, name=name,
+                   pretrained=True, initial=initial)
+    method = method or "gauss"
+    if method not in _METHOD_KW:
+        raise ValueError(f"method must be one of {sorted(_METHOD_KW)}, got {method!r}")
+    torch.manual_seed(seed)
+    name = name or ("nepdo-mnist-regular-gauss" if method == "gauss" else "nepdo-mnist-regular-fd")
+    model = models.create(name, method=method, stencil_kw=_METHOD_KW[method])
+    stem = EquivariantSequential(*model.layers[:3])
+    layer = model.layers[3]
+    models.calibrate_batchnorm(stem, imgs[:64])
+    stem.eval()
+    layer.eval()
+    return Lab(stem=stem, layer=layer, x=x, pixel=pixel, method=method, name=name)
 
 
 def _bars(ax, v, title, color="#1f77b4", pred=None):
@@ -96,10 +183,11 @@ def _bars(ax, v, title, color="#1f77b4", pred=None):
     else:
         ax.bar(idx - 0.2, v, width=0.4, color=color, label="measured")
         ax.bar(idx + 0.2, pred, width=0.4, color="#ff7f0e", label="predicted")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=9)
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xticks(idx)
-    ax.set_xticklabels(OPERATOR_NAMES, rotation=90, fontsize=7)
+    ax.set_xticklabels(OPERATOR_NAMES, rotation=90, fontsize=9)
+    ax.tick_params(axis="y", labelsize=9)
     ax.set_title(title, fontsize=9)
 
 
@@ -115,9 +203,10 @@ def coefficients_figure(lab: Lab, row: int, col: int, *, slot: int = 0, componen
     """The digit with the pixel; the 15 PDO coefficients of generated field ``slot``, group
     component ``component`` (one bar per operator, kit order); all 16 components as a heat map; the
     resulting 5x5 stencil."""
+    lab.check_slot(slot, component)
     c, k = lab.at(lab.x, row, col)
     fig, ax = plt.subplots(1, 4, figsize=(15, 3.3), gridspec_kw={"width_ratios": [1, 2, 2, 1]})
-    ax[0].imshow(lab.x[0, 0], cmap="gray")
+    ax[0].imshow(lab.x[0, 0].numpy(), cmap="gray")
     ax[0].plot(col, row, "r+", ms=12, mew=2)
     ax[0].set_title(f"digit, pixel ({row}, {col})", fontsize=9)
     ax[0].axis("off")
@@ -126,13 +215,104 @@ def coefficients_figure(lab: Lab, row: int, col: int, *, slot: int = 0, componen
     v = float(c[slot].abs().max())
     im = ax[2].imshow(c[slot].numpy(), cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto")
     ax[2].set_xticks(range(N_OPS))
-    ax[2].set_xticklabels(OPERATOR_NAMES, rotation=90, fontsize=7)
-    ax[2].set_ylabel("group component")
+    ax[2].set_xticklabels(OPERATOR_NAMES, rotation=90, fontsize=9)
+    ax[2].tick_params(axis="y", labelsize=9)
+    ax[2].set_ylabel("group component", fontsize=9)
     ax[2].set_title(f"all {c.shape[1]} components of field {slot}", fontsize=9)
-    fig.colorbar(im, ax=ax[2], fraction=0.04)
+    fig.colorbar(im, ax=ax[2], fraction=0.04).ax.tick_params(labelsize=9)
     _stencil(ax[3], k[slot, component].numpy(), f"stencil ({lab.method})")
-    fig.suptitle(f"Neural ePDO ({lab.method}): the operator generated at one pixel", fontsize=10)
+    fig.suptitle(f"Neural ePDO, {lab.state} {lab.name} ({lab.group.name}, {lab.method}): the operator generated "
+                 f"at one pixel", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+def _operator_share(c: torch.Tensor) -> np.ndarray:
+    """Each operator's share of the coefficients' L1 mass, ``(15,)`` summing to 1 (``c (g, d, 15, n)``)."""
+    a = c.abs().transpose(-1, -2).reshape(-1, N_OPS).sum(0)
+    return (a / a.sum()).numpy()
+
+
+def trained_vs_initial(lab: Lab, row: int | None = None, col: int | None = None, *, slot: int = 0,
+                       component: int = 0) -> dict:
+    """The coefficients the trained first Neural ePDO layer generates at pixel ``(row, col)`` beside
+    its initial twin's (``lab`` from ``setup(pretrained=True)``). Returns ``trained`` / ``initial``
+    coefficients ``(g, d, 15)`` and stencils ``(g, d, 5, 5)`` (``*_stencil``), ``share_*``
+    (each operator's share of the coefficients' L1 mass, all fields and components, over the
+    stroke pixels, digit > 0.5), ``relative_change`` ``||c_t - c_0|| / ||c_0||`` and ``cosine`` at
+    the pixel, and ``rotation_error``: the trained coefficients at the 90°-rotated pixel against
+    ``rho(g) c D(g)^-1`` (relative; float noise: exact)."""
+    if lab.initial is None:
+        raise ValueError("trained_vs_initial needs a lab from epdoviz.setup(pretrained=True) "
+                         "(a trained model and its initial twin)")
+    lab.check_slot(slot, component)
+    row, col = lab.pixel if row is None else (row, col)
+    (ct, kt), (c0, k0) = lab.at(lab.x, row, col), lab.initial.at(lab.x, row, col)
+    stroke = lab.x[0, 0] > 0.5
+
+    def share(l):
+        return _operator_share(l.field()[0][..., stroke])                    # (g, d, 15, n) -> (15,)
+
+    return dict(trained=ct, initial=c0, trained_stencil=kt, initial_stencil=k0, pixel=(row, col), slot=slot,
+                component=component, share_trained=share(lab), share_initial=share(lab.initial),
+                relative_change=float((ct - c0).norm() / c0.norm()),
+                cosine=float((ct * c0).sum() / (ct.norm() * c0.norm())),
+                rotation_error=rotation_errors(lab, row, col)[90.0][3])
+
+
+def trained_vs_initial_figure(lab: Lab, row: int | None = None, col: int | None = None, *, slot: int = 0,
+                              component: int = 0):
+    """Top row: the trained layer at pixel ``(row, col)``; bottom row: its initial twin. Columns: the
+    coefficients of field ``slot`` at every group component (heat map, one colour scale per row),
+    the coefficients of component ``component`` (bars, shared axis), the stencil. Bottom: each
+    operator's share of the coefficient mass over the stroke, trained vs initial. The numbers
+    of :func:`trained_vs_initial` are in ``fig.stats``."""
+    st = trained_vs_initial(lab, row, col, slot=slot, component=component)
+    row, col = st["pixel"]
+    G = lab.group
+    fig = plt.figure(figsize=(16, 9.6))
+    gs = fig.add_gridspec(3, 4, width_ratios=[1.1, 2.0, 2.0, 1.0], height_ratios=[1, 1, 1], wspace=0.5,
+                          hspace=0.8)
+    ax = fig.add_subplot(gs[:2, 0])
+    ax.imshow(lab.x[0, 0].numpy(), cmap="gray")
+    ax.plot(col, row, "r+", ms=12, mew=2)
+    ax.set_title(f"digit, pixel ({row}, {col})", fontsize=9)
+    ax.axis("off")
+    lim = 1.1 * max(float(st[w][slot, component].abs().max()) for w in ("trained", "initial"))
+    for i, what in enumerate(("trained", "initial")):
+        c, k = st[what], st[f"{what}_stencil"]
+        v = float(c[slot].abs().max()) or 1.0
+        a = fig.add_subplot(gs[i, 1])
+        im = a.imshow(c[slot].numpy(), cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto")
+        a.set_xticks(range(N_OPS))
+        a.set_xticklabels(OPERATOR_NAMES, rotation=90, fontsize=9)
+        a.tick_params(axis="y", labelsize=9)
+        a.set_ylabel(f"{what}\ngroup component", fontsize=9)
+        a.set_title(f"{what}: field {slot}, all {G.order} components (±{v:.2f})", fontsize=9)
+        fig.colorbar(im, ax=a, fraction=0.04).ax.tick_params(labelsize=9)
+        a = fig.add_subplot(gs[i, 2])
+        _bars(a, c[slot, component].numpy(), f"{what}: component {component} "
+                                             f"({G.degrees(G.elements[component]):g}°)",
+              color="#1f77b4" if i == 0 else "#7f7f7f")
+        a.set_ylim(-lim, lim)
+        _stencil(fig.add_subplot(gs[i, 3]), k[slot, component].numpy(), f"{what}: stencil ({lab.method})")
+    a = fig.add_subplot(gs[2, 1:])
+    o = np.arange(N_OPS)
+    a.bar(o - 0.2, st["share_trained"], 0.4, color="#1f77b4", label="trained")
+    a.bar(o + 0.2, st["share_initial"], 0.4, color="#7f7f7f", label="initial")
+    a.set_xticks(o)
+    a.set_xticklabels(OPERATOR_NAMES, rotation=90, fontsize=9)
+    a.tick_params(axis="y", labelsize=9)
+    a.set_ylabel("share of Σ|c_a|", fontsize=9)
+    a.set_title("each operator's share of the coefficient mass (stroke pixels, all fields and components)",
+                fontsize=9)
+    a.legend(fontsize=9)
+    fig.suptitle(f"{lab.name} ({G.name}, {lab.method}): first Neural ePDO layer, trained (top) vs the initial "
+                 f"weights of the same run (bottom)\nat the pixel: ||c_trained − c_initial|| / ||c_initial|| = "
+                 f"{st['relative_change']:.2f}, cosine {st['cosine']:.2f}; trained coefficients at the 90°-rotated "
+                 f"pixel = ρ(g) c D(g)⁻¹ to {st['rotation_error']:.0e}", fontsize=10, y=0.97)
+    fig.stats = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in st.items()
+                 if not isinstance(v, torch.Tensor)}
     return fig
 
 
@@ -146,6 +326,7 @@ def coefficient_explorer(lab: Lab, row: int | None = None, col: int | None = Non
 
     H, Wd = lab.x.shape[-2:]
     r0, c0 = lab.pixel if row is None else (row, col)
+    lab.check_slot(slot, component)
     c, _ = lab.at(lab.x, r0, c0)
     kw = dict(continuous_update=False, style={"description_width": "initial"})
     rw = W.IntSlider(value=r0, min=0, max=H - 1, description="row", **kw)
@@ -171,27 +352,38 @@ def coefficient_explorer(lab: Lab, row: int | None = None, col: int | None = Non
     return box
 
 
-def rotation_figure(lab: Lab, row: int, col: int, *, slot: int = 0, component: int = 0):
-    """Left: rotate the digit by 90 degrees; the coefficients at the rotated pixel, component
-    ``rho(g) component``, vs the prediction ``c D(g)^-1`` from the upright ones (exact). Right: 22.5
-    degrees, at the centre pixel of a 29x29 copy (digit rotated by interpolation: approximate)."""
+def rotation_errors(lab: Lab, row: int, col: int) -> dict:
+    """``{degrees: (measured (g, d, 15), predicted (g, d, 15), pixel, relative error)}`` for the two
+    cases of :func:`rotation_figure`: 90° at pixel ``(row, col)`` (exact on the grid) and the
+    group's smallest angle at the centre pixel of a padded copy (digit rotated by interpolation)."""
     G = lab.group
-    fig, ax = plt.subplots(1, 2, figsize=(14, 3.4))
     out = {}
-    for a, (k_el, x, (r, c_), (r2, c2)) in zip(ax, _rotation_cases(lab, row, col)):
+    for k_el, x, (r, c_), (r2, c2) in _rotation_cases(lab, row, col):
         g = G.element(k_el)
         perm = field_rep(G).perm[G.index(g)]
         c0, _ = lab.at(x[0], r, c_)
         c1, _ = lab.at(x[1], r2, c2)
         Dt = coefficient_rep(G)(g).float()                                   # D^-T(g)
         pred = c0[:, perm] @ Dt.T                                            # rho(g) C D(g)^-1
+        out[G.degrees(g)] = (c1, pred, (r2, c2), float((c1 - pred).norm() / pred.norm()))
+    return out
+
+
+def rotation_figure(lab: Lab, row: int, col: int, *, slot: int = 0, component: int = 0):
+    """Left: rotate the digit by 90 degrees; the coefficients at the rotated pixel, component
+    ``rho(g) component``, vs the prediction ``c D(g)^-1`` from the upright ones (exact). Right: the
+    group's smallest angle (22.5° for C16, 45° for C8), at the centre pixel of a 29x29 copy (digit
+    rotated by interpolation: approximate)."""
+    lab.check_slot(slot, component)
+    fig, ax = plt.subplots(1, 2, figsize=(14, 3.6))
+    out = {}
+    for a, (deg, (c1, pred, (r2, c2), err)) in zip(ax, rotation_errors(lab, row, col).items()):
+        out[deg] = err
         j = component
-        err = float((c1 - pred).norm() / pred.norm())
-        out[G.degrees(g)] = err
-        _bars(a, c1[slot, j].numpy(), f"rotated {G.degrees(g):g}°: pixel ({r2}, {c2}), component {j}; "
+        _bars(a, c1[slot, j].numpy(), f"rotated {deg:g}°: pixel ({r2}, {c2}), component {j}; "
                                       f"rel. error (all fields) {err:.1e}", pred=pred[slot, j].numpy())
-    fig.suptitle("Rotating the input moves the operator along the group axis and transforms its "
-                 "coefficients by D^-T", fontsize=10)
+    fig.suptitle(f"Rotating the input moves the operator along the group axis and transforms its "
+                 f"coefficients by D^-T ({lab.state} {lab.name}, {lab.group.name})", fontsize=10)
     fig.tight_layout()
     fig.errors = out
     return fig
@@ -199,17 +391,21 @@ def rotation_figure(lab: Lab, row: int, col: int, *, slot: int = 0, component: i
 
 def _rotation_cases(lab: Lab, row: int, col: int):
     H = lab.x.shape[-1]
+    n = lab.group.n
+    if n % 4:
+        raise ValueError(f"the rotation figure needs a group with a 90° rotation (C_n, 4 | n), got {lab.group.name}")
     x90 = torch.rot90(lab.x, 1, dims=(-2, -1))
-    yield 4, (lab.x, x90), (row, col), (H - 1 - col, row)
+    yield n // 4, (lab.x, x90), (row, col), (H - 1 - col, row)
     xp = F.pad(lab.x, (0, 1, 0, 1))                                          # 29x29: a centre pixel
     m = xp.shape[-1] // 2
-    yield 1, (xp, act_on_image(xp, 22.5, mode="bicubic")), (m, m), (m, m)
+    yield 1, (xp, act_on_image(xp, 360.0 / n, mode="bicubic")), (m, m), (m, m)
 
 
 def discretisations_figure(lab: Lab, row: int, col: int, *, slot: int = 0, component: int = 0,
                            operators=((1, 0), (2, 0), (1, 1), (3, 0), (2, 2))):
     """Rows fd / gauss / rbffd: the stencils of a few operators, and (last column) the stencil that the
     coefficients generated at the pixel make under each discretisation."""
+    lab.check_slot(slot, component)
     c, _ = lab.at(lab.x, row, col)
     coef = c[slot, component].double()
     fig, ax = plt.subplots(3, len(operators) + 1, figsize=(2.1 * (len(operators) + 1), 6.4))
