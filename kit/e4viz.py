@@ -125,15 +125,7 @@ class Lab:
         return divmod(i, W)
 
 
-class _Preprocess(nn.Module):
-    """The input standardisation of a :class:`kit.zoo.Standardized` model, as a stem module."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.preprocess(x)
+from .zoo import Preprocess as _Preprocess  # noqa: E402  (the one stem for Standardized models)
 
 
 def _split(model: nn.Module) -> tuple[nn.Module, E4Conv]:

@@ -115,6 +115,18 @@ class Standardized(EquivariantModule):
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
+class Preprocess(nn.Module):
+    """The input standardisation of a :class:`Standardized` model as a module of its own (a stem
+    for explorers that run a network's first layers)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.preprocess(x)
+
+
 # ------------------------------------------------------------------------------ loading
 def load_pretrained(name: str, model: nn.Module, root=None) -> nn.Module:
     """Load zoo weights into ``model`` (built by ``kit.models.create(name)``): sha256 checked against
