@@ -401,8 +401,13 @@ def _set_rng_state(s: dict) -> None:
 def _numpy_safe_globals() -> list:
     """The numpy types of the RNG state of checkpoints written by earlier eqkit versions: array
     reconstruction only (allow-listed for ``weights_only=True``; nothing else is accepted)."""
-    core = getattr(np, "_core", None) or np.core
-    out = [core.multiarray._reconstruct, np.ndarray, np.dtype]
+    import importlib
+    out = [np.ndarray, np.dtype]
+    for mod in ("numpy._core.multiarray", "numpy.core.multiarray"):     # numpy 2 / numpy 1 spelling
+        try:
+            out.append(importlib.import_module(mod)._reconstruct)
+        except (ImportError, AttributeError):
+            pass
     out += [t for t in (getattr(np.dtypes, "UInt32DType", None),) if t is not None]
     return out
 

@@ -86,6 +86,7 @@ def test_roundoff_floor_bounds_the_float32_error(name, digits):
     error at float64 noise: the float32 error of an exact construction is rounding, and the floor
     says how much. Reduced widths keep the Neural ePDO model quick."""
     kw = {"widths": (4, 4, 4, 4, 4, 8)} if name.startswith("nepdo") else {}
+    torch.manual_seed(0)                    # the same initialisation whatever ran before (test order)
     m = models.calibrate_batchnorm(models.create(name, **kw), digits[:32])
     G = m.in_type.group
     els = [g for g in G.elements if G.is_exact_on_grid(g)]
@@ -143,7 +144,11 @@ def test_precision_report_separates_rounding_from_construction():
                               calibrate=8)
     assert d16["error_f64"] <= 1e-12                 # no mirror measured: they are not symmetries there
     md = precision_markdown([p4, cnn, d16], target=1e-5)
-    assert md.count("✗") == 1 and "widths=(4, 4, 4, 4, 4, 8)" in md
+    # float32 of an exact construction is judged against its round-off floor, not a fixed 1e-5 (which
+    # this reduced D16 model straddles by rounding alone); the CNN is far above both
+    assert d16["error_f32"] <= d16["roundoff"] + d16["error_f64"]
+    cnn_row = next(line for line in md.splitlines() if "cnn-mnist" in line)
+    assert "✗" in cnn_row and "widths=(4, 4, 4, 4, 4, 8)" in md
     with pytest.raises(ValueError, match="bundled"):
         precision_report("p4-mnist", batch=10_000)
 
