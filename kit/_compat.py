@@ -13,7 +13,7 @@ import warnings
 
 import torch
 
-__all__ = ["import_torchvision"]
+__all__ = ["import_torchvision", "is_compiling"]
 
 _SCHEMAS = {"nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
             "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"}
@@ -43,3 +43,10 @@ def import_torchvision():
         warnings.simplefilter("ignore", UserWarning)          # "Failed to load image Python extension"
         import torchvision
     return torchvision
+
+
+def is_compiling() -> bool:
+    """True while ``torch.compile`` (dynamo) traces the calling code: layers then take their
+    traceable paths (no kernel cache, no C++ extension call) so the compiled graph is whole."""
+    f = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(f()) if f is not None else False

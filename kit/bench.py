@@ -4,6 +4,7 @@
     python -m kit bench --only 'p4*'          # a subset (glob over entry names)
     python -m kit bench --device cuda         # on a GPU
     python -m kit bench --list                # the entries
+    python -m kit bench --compile             # also every entry under torch.compile (compiled columns)
 
 For the CNN baseline and one representative **layer** and **model** of every family (regular G-CNN,
 E4-Net, PDO-eConv, Neural ePDO, Separable G-CNN), and for escnn ``R2Conv`` with regular fields on
@@ -499,10 +500,40 @@ def device_description(device: torch.device, threads: int) -> str:
     return f"CPU: {os.cpu_count()} cores ({platform.machine()}), {threads} torch threads"
 
 
+def compiled_throughput(module: nn.Module, x: torch.Tensor, *, repeats: int = 7, warmup: int = 2) -> dict:
+    """:func:`throughput` of ``torch.compile(module)`` (default settings), its speed-up over eager
+    (``fwd_speedup`` / ``train_speedup``: eager time over compiled time, timed in alternation by
+    :func:`paired_ratio`), the compile time of the eval and the training graphs (the first call of
+    each) and the relative difference of the compiled eval output from eager's on ``x``."""
+    torch._dynamo.reset()
+    compiled = torch.compile(module)
+    module.eval()
+    with torch.no_grad():
+        ref = module(x)
+        t = time.perf_counter()
+        out = compiled(x)
+        _sync(x.device)
+        compile_fwd = time.perf_counter() - t
+    module.train()
+    t = time.perf_counter()
+    compiled(x).square().mean().backward()
+    _sync(x.device)
+    compile_train = time.perf_counter() - t
+    module.zero_grad(set_to_none=True)
+    tp = throughput(compiled, x, repeats=repeats, warmup=warmup)
+    paired = paired_ratio(compiled, module, x, rounds=max(repeats, 5), warmup=1)   # alternated, one run
+    tp.update(compile_fwd_s=compile_fwd, compile_train_s=compile_train,
+              fwd_speedup=1.0 / paired["fwd_time_ratio"], train_speedup=1.0 / paired["train_time_ratio"],
+              rel_diff=float((out - ref).norm() / ref.norm().clamp_min(1e-30)))
+    module.eval()
+    return tp
+
+
 def measure_entry(name: str, *, device: str | torch.device = "cpu", batch: int = 16, size: int = SIZE,
                   width: int = WIDTH, kernel: int = KERNEL, angles=ANGLES, repeats: int = 7, warmup: int = 2,
-                  seed: int = 0) -> dict:
-    """Every measurement of one entry, as a JSON-ready dict (see the module docstring)."""
+                  seed: int = 0, compile: bool = False) -> dict:
+    """Every measurement of one entry, as a JSON-ready dict (see the module docstring); with
+    ``compile=True`` also the same throughput under ``torch.compile`` (:func:`compiled_throughput`)."""
     if name not in ENTRIES:
         raise ValueError(f"unknown benchmark entry {name!r}; entries: {', '.join(ENTRIES)}")
     e = ENTRIES[name]
@@ -528,6 +559,8 @@ def measure_entry(name: str, *, device: str | torch.device = "cpu", batch: int =
     module.to(device)
     threads = torch.get_num_threads()
     res["throughput"] = throughput(module, x.to(device), repeats=repeats, warmup=warmup)
+    if compile:
+        res["compiled"] = compiled_throughput(module, x.to(device), repeats=repeats, warmup=warmup)
     if e.counterpart and escnn_available():           # the same fields and kernel size in escnn, timed in turn
         other, _ = ENTRIES[e.counterpart].build(width, kernel)
         res["vs_counterpart"] = {"name": e.counterpart,
@@ -566,7 +599,7 @@ def load_results(out_dir: str | Path = OUT_DIR) -> list[dict]:
 
 def run(pattern: str = "*", *, out_dir: str | Path = OUT_DIR, device: str = "cpu", batch: int | None = None,
         size: int = SIZE, width: int = WIDTH, kernel: int = KERNEL, angles=ANGLES, repeats: int = 7,
-        warmup: int = 2, force: bool = False, figures: bool = True, log=print) -> dict:
+        warmup: int = 2, force: bool = False, figures: bool = True, compile: bool = False, log=print) -> dict:
     """Measure every entry matching ``pattern`` into ``out_dir/<entry>.json`` (an entry already measured
     with the same settings is kept unless ``force``), then write ``table.md`` and the figures from every
     result in ``out_dir``.
@@ -581,6 +614,8 @@ def run(pattern: str = "*", *, out_dir: str | Path = OUT_DIR, device: str = "cpu
     batch = batch if batch is not None else (128 if dev.type == "cuda" else 16)
     settings = _settings(device=device, batch=batch, size=size, width=width, kernel=kernel, angles=angles,
                          repeats=repeats, warmup=warmup)
+    if compile:
+        settings["compile"] = True
     skipped, failed, t_all = {}, {}, time.perf_counter()
     names = list_entries(pattern)
     log(f"eqkit bench: {len(names)} entries -> {out_dir} ({device_description(dev, torch.get_num_threads())})")
@@ -602,7 +637,7 @@ def run(pattern: str = "*", *, out_dir: str | Path = OUT_DIR, device: str = "cpu
         t = time.perf_counter()
         try:
             res = measure_entry(name, device=device, batch=batch, size=size, width=width, kernel=kernel,
-                                angles=angles, repeats=repeats, warmup=warmup)
+                                angles=angles, repeats=repeats, warmup=warmup, compile=compile)
         except Exception as exc:                      # keep going; report every failure at the end
             failed[name] = f"{type(exc).__name__}: {exc}"
             log(f"  {name:24s} FAILED {failed[name]}")
@@ -611,12 +646,15 @@ def run(pattern: str = "*", *, out_dir: str | Path = OUT_DIR, device: str = "cpu
         _save_json(res, path)
         tp = res["throughput"]
         log(f"  {name:24s} {time.perf_counter() - t:5.1f} s  err90 {_fmt_err(res['equivariance']['error_90'])}  "
-            f"fwd {tp['fwd_img_s']:8.1f} img/s  fwd+bwd {tp['train_img_s']:8.1f} img/s")
+            f"fwd {tp['fwd_img_s']:8.1f} img/s  fwd+bwd {tp['train_img_s']:8.1f} img/s"
+            + (f"  compiled {res['compiled']['fwd_img_s']:8.1f} / {res['compiled']['train_img_s']:8.1f}"
+               if compile else ""))
     results = load_results(out_dir)                  # every entry measured so far, not only this call's
     files = []
     if results and figures:
-        files.append(_save_text(table_markdown(results) + "\n\n" + comparison_markdown(results),
-                                out_dir / "table.md"))
+        comp = compiled_markdown(results)
+        files.append(_save_text(table_markdown(results) + "\n\n" + comparison_markdown(results)
+                                + ("\n\n" + comp if comp else ""), out_dir / "table.md"))
         files.append(_save_fig(error_figure(results), out_dir / "error_vs_angle.png"))
         files.append(_save_fig(speed_figure(results), out_dir / "throughput.png"))
     log(f"done in {time.perf_counter() - t_all:.0f} s; {len(results)} results, {len(skipped)} skipped, "
@@ -684,6 +722,26 @@ def table_markdown(results: list[dict]) -> str:
               "of 90°, mirrors for D4), the module in float64. "
               "'vs escnn': the kit layer's fwd+bwd time over escnn R2Conv's at the same fields and kernel size, "
               "median of per-round ratios with the two timed in alternation."]
+    return "\n".join(lines)
+
+
+def compiled_markdown(results: list[dict]) -> str:
+    """Eager beside ``torch.compile`` (default settings) for every entry measured with ``--compile``."""
+    rows = [r for r in results if r.get("compiled")]
+    if not rows:
+        return ""
+    lines = ["| entry | fwd img/s eager / compiled | fwd speed-up | fwd+bwd img/s eager / compiled | "
+             "fwd+bwd speed-up | compile s (eval / train) | rel. diff from eager |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        e, c = r["throughput"], r["compiled"]
+        lines.append(f"| {r['name']} | {e['fwd_img_s']:.0f} / {c['fwd_img_s']:.0f} | "
+                     f"{c['fwd_speedup']:.2f}x | {e['train_img_s']:.0f} / {c['train_img_s']:.0f} | "
+                     f"{c['train_speedup']:.2f}x | {c['compile_fwd_s']:.0f} / "
+                     f"{c['compile_train_s']:.0f} | {_fmt_err(c['rel_diff'])} |")
+    lines += ["", "Compiled: `torch.compile(module)` with default settings. Speed-up: eager time over "
+              "compiled time, the median of per-round ratios with the two timed in alternation in one run "
+              "(the img/s columns are separate medians, for scale)."]
     return "\n".join(lines)
 
 
@@ -814,6 +872,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(OUT_DIR), help="output folder (default: figures/bench)")
     p.add_argument("--force", action="store_true", help="re-measure entries already measured")
     p.add_argument("--list", action="store_true", help="list the entries and exit")
+    p.add_argument("--compile", action="store_true",
+                   help="also measure every entry under torch.compile (default settings): compiled columns")
     a = p.parse_args(argv)
     if a.list:
         for n, e in ENTRIES.items():
@@ -822,7 +882,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     res = run(a.only, out_dir=a.out, device=a.device, batch=a.batch, repeats=a.repeats, force=a.force,
-              angles=angles(a.step))
+              angles=angles(a.step), compile=a.compile)
     for f in res["files"]:
         print(f"  wrote {f}")
     return 1 if res["failed"] else 0

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._compat import is_compiling
 from ..fields import FieldType
 from ..groups import Group
 
@@ -40,13 +41,16 @@ class KernelCache:
     The cache is used only in eval mode when no gradient flows to the parameters; it is keyed on
     each source tensor's storage and in-place version counter (an optimizer step or
     ``load_state_dict`` bumps the version) and dropped on ``.train()`` / ``.eval()`` and on
-    ``.to()`` / ``.cuda()`` / ``.half()``.
+    ``.to()`` / ``.cuda()`` / ``.half()``. Under ``torch.compile`` nothing is cached: the kernel
+    is part of the compiled graph.
     """
 
     _kernel_cache = None
 
     def cached_kernel(self, build, *sources: torch.Tensor):
-        if self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+        # under torch.compile the kernel is built inside the graph from the live parameters (graph
+        # inputs), so a compiled model can never read a stale kernel
+        if is_compiling() or self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
             self._kernel_cache = None
             return build()
         key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)

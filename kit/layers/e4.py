@@ -68,13 +68,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._compat import is_compiling
 from ..fields import FieldType
 from ..groups import Group
 from .base import EquivariantModule, KernelCache, steering_matrices
 from .gconv import GroupConv
 
 __all__ = ["E4Conv", "FieldGroupNorm", "AFFINE_MODES", "dynamic_aggregate", "dynamic_aggregate_taps",
-           "dynamic_aggregate_unfold", "fused_extension"]
+           "dynamic_aggregate_unfold", "dynamic_aggregate_functional", "fused_extension"]
 
 AFFINE_MODES = ("per_field", "per_channel", None)
 
@@ -339,11 +340,6 @@ def fused_extension():
         return None
 
 
-def _compiling() -> bool:
-    f = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(f()) if f is not None else False
-
-
 class _FusedAggregation(torch.autograd.Function):
     """:class:`_DynamicAggregation` through the C++ extension (same products, same tap order)."""
 
@@ -369,6 +365,21 @@ class _FusedAggregation(torch.autograd.Function):
                 gk if ctx.needs_input_grad[1] else None)
 
 
+def dynamic_aggregate_functional(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
+    """The same filtering as one out-of-place sum over the taps, for ``torch.compile``: no
+    ``autograd.Function`` and no in-place op, so dynamo traces it whole, AOTAutograd derives the
+    backward and inductor fuses the ``K^2`` products (and their neighbours) into one loop."""
+    B, C, G, H, W, S, cps, K = _shapes(v, kern)
+    p = K // 2
+    vp = F.pad(v, (p, p, p, p)).view(B, S, cps, G, H + 2 * p, W + 2 * p)           # zero "same" padding
+    y = None
+    for t in range(K * K):
+        r, c = _tap(t, K, H, W)
+        term = kern[:, :, :, t].unsqueeze(2) * vp[..., r, c]                      # (B, S, cps, G, H, W)
+        y = term if y is None else y + term
+    return y.reshape(B, C, G, H, W)
+
+
 def dynamic_aggregate(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
     """Involution-like depthwise filtering with per-pixel kernels, "same" zero padding.
 
@@ -378,9 +389,10 @@ def dynamic_aggregate(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
     fused C++ extension (:func:`fused_extension`), else by :func:`dynamic_aggregate_taps`; both keep
     only ``v`` and ``kern`` for the backward.
     """
+    if is_compiling():
+        return dynamic_aggregate_functional(v, kern)
     if (v.device.type == "cpu" and kern.device.type == "cpu" and v.dtype == kern.dtype
-            and v.dtype in (torch.float32, torch.float64) and not _compiling()
-            and fused_extension() is not None):
+            and v.dtype in (torch.float32, torch.float64) and fused_extension() is not None):
         _shapes(v, kern)
         return _FusedAggregation.apply(v, kern)
     return _DynamicAggregation.apply(v, kern)

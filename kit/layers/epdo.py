@@ -431,7 +431,7 @@ def pdo_stencil_matrix(method: str = "fd", stencil_kw: dict | None = None,
         raise ValueError(f"unknown discretisation method {method!r}; expected one of {METHODS}")
     kw = dict(stencil_kw or {})
     S = stencil_bank(MAX_ORDER, method, KERNEL_SIZE, **kw).reshape(N_OPS, -1)
-    return S, f"{method}:{sorted(kw.items())}"
+    return S, f"{method}:{sorted(kw.items())}:" + hashlib.sha1(S.numpy().tobytes()).hexdigest()[:16]
 
 
 _LAYER_BASES: dict = {}
