@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass
 import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import models
@@ -44,7 +45,7 @@ from .groups import Group, cyclic, dihedral
 from .layers.e4 import E4Conv, dynamic_aggregate, dynamic_aggregate_unfold
 from .layers.gconv import GroupConv
 
-__all__ = ["Cost", "count_macs", "aggregation_seen_by_counter", "cost_table", "cost_markdown", "cost_ratios",
+__all__ = ["step_profile", "step_profile_markdown", "training_step_ratio", "Cost", "count_macs", "aggregation_seen_by_counter", "cost_table", "cost_markdown", "cost_ratios",
            "cost_figure", "CIFAR_MODELS", "MNIST_MODELS", "PAIRS", "time_forward_backward", "peak_memory",
            "memory_profile",
            "SpeedCase", "SPEED_CASES", "speed_comparison", "speed_markdown", "aggregation_comparison",
@@ -478,3 +479,116 @@ def aggregation_comparison(case: SpeedCase = SPEED_CASES[0], *, repeats: int = 1
     out["max_abs_diff"] = max(float((a - b).detach().abs().max()) for a, b in zip(results["unfold"], results["taps"]))
     out["load"] = load_average()
     return out
+
+
+# ----------------------------------------------------------------------- where a training step goes
+STEP_CATEGORIES = (            # (category, substrings of profiler op names), first match wins
+    ("dynamic aggregation (fused, fwd + bwd)", ("FusedAggregation", "DynamicAggregation")),
+    ("convolutions (oneDNN, fwd + bwd)", ("convolution", "conv2d", "conv3d")),
+    ("batched matmuls (kernel generators, stencils)", ("bmm", "matmul", "addmm", "baddbmm", "aten::mm")),
+    ("batch / group norm", ("batch_norm", "group_norm")),
+    ("pooling", ("pool",)),
+    ("L1 norm (Neural ePDO)", ("vector_norm", "sgn", "abs")),
+    ("dropout RNG", ("bernoulli",)),
+    ("zero fill / copies", ("fill_", "zero_", "copy_")),
+    ("pointwise (ReLU, mul, add, div, ...)", ("threshold", "clamp", "relu", "mul", "add", "div", "sub", "where")),
+)
+
+
+def _train_step(model: nn.Module, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, *model.card.input_shape, generator=g)
+    y = torch.randint(0, model.card.num_classes, (batch,), generator=g)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return step
+
+
+def step_profile(name: str, *, batch: int = 64, steps: int = 3, threads: int | None = 1) -> dict:
+    """Where one training step (forward, backward, Adam) of registered model ``name`` spends its time,
+    from ``torch.profiler`` self-CPU times grouped into :data:`STEP_CATEGORIES`. Returns
+    ``{"name", "batch", "threads", "ms_per_step", "rows": [{"category", "ms", "share"}]}``."""
+    from torch.profiler import ProfilerActivity, profile
+    from .models import create
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        step = _train_step(create(name), batch)
+        for _ in range(2):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        ops = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()]
+    finally:
+        torch.set_num_threads(old)
+    total = sum(ms for _, ms in ops)
+    cats = {c: 0.0 for c, _ in STEP_CATEGORIES}
+    other = 0.0
+    for key, ms in ops:
+        for c, subs in STEP_CATEGORIES:
+            if any(sub in key for sub in subs):
+                cats[c] += ms
+                break
+        else:
+            other += ms
+    rows = [{"category": c, "ms": ms, "share": ms / total} for c, ms in cats.items() if ms > 0]
+    rows.sort(key=lambda r: -r["ms"])
+    rows.append({"category": "other (autograd, views, optimizer)", "ms": other, "share": other / total})
+    return {"name": name, "batch": batch, "threads": threads, "ms_per_step": total, "rows": rows}
+
+
+def step_profile_markdown(profiles: list[dict]) -> str:
+    """One table: categories as rows, one ms / share column per profiled model."""
+    cats = []
+    for p in profiles:
+        cats += [r["category"] for r in p["rows"] if r["category"] not in cats]
+    head = "| where the time goes | " + " | ".join(f"{p['name']} ms (share)" for p in profiles) + " |"
+    lines = [head, "|---|" + "---:|" * len(profiles)]
+    for c in cats:
+        cells = []
+        for p in profiles:
+            r = next((r for r in p["rows"] if r["category"] == c), None)
+            cells.append(f"{r['ms']:.0f} ({100 * r['share']:.0f} %)" if r else "-")
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines.append("| **total per step** | " + " | ".join(f"**{p['ms_per_step']:.0f}**" for p in profiles) + " |")
+    p0 = profiles[0]
+    lines += ["", f"One training step (forward, backward, Adam), batch {p0['batch']}, {p0['threads']} thread(s), "
+              "self-CPU time from torch.profiler (the profiler adds its own overhead; compare shares, and ratios "
+              "with `training_step_ratio`)."]
+    return "\n".join(lines)
+
+
+def training_step_ratio(a: str, b: str, *, batch: int = 64, rounds: int = 8, threads: int | None = None) -> dict:
+    """Images/s of registered model ``a``'s training step over ``b``'s, the two timed in alternation
+    in one run (median of per-round ratios), as the issue's speed targets are stated."""
+    from .models import create
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        sa, sb = _train_step(create(a), batch), _train_step(create(b), batch)
+        for _ in range(2):
+            sa(), sb()
+        ratios, ta, tb = [], [], []
+        for i in range(rounds):
+            t = {}
+            for key, fn in ((("a", sa), ("b", sb)) if i % 2 == 0 else (("b", sb), ("a", sa))):
+                t0 = time.perf_counter()
+                fn()
+                t[key] = time.perf_counter() - t0
+            ratios.append(t["b"] / t["a"])
+            ta.append(t["a"]), tb.append(t["b"])
+    finally:
+        torch.set_num_threads(old)
+    return {"a": a, "b": b, "batch": batch, "threads": torch.get_num_threads() if threads is None else threads,
+            "speed_ratio": statistics.median(ratios), "a_img_s": batch / statistics.median(ta),
+            "b_img_s": batch / statistics.median(tb), "ratios": ratios, "load": load_average()}

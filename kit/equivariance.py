@@ -49,7 +49,7 @@ import torch.nn as nn
 from .fields import FieldType
 from .groups import Element, act_on_image, disk_mask
 
-__all__ = ["Record", "check", "float64_twin", "precision_report", "precision_markdown", "error_vs_angle", "default_input", "max_error", "records_table",
+__all__ = ["Record", "check", "float64_twin", "precision_trace", "precision_report", "precision_markdown", "error_vs_angle", "default_input", "max_error", "records_table",
            "reference_rotation"]
 
 
@@ -141,6 +141,56 @@ def float64_twin(module: nn.Module) -> nn.Module:
         raise ValueError(f"a round-off floor needs a lower-precision module to compare with float64; "
                          f"{type(module).__name__} already has float64 parameters (dtypes {sorted(map(str, dtypes))})")
     return copy.deepcopy(module).double().eval()
+
+
+def precision_trace(module: nn.Module, x: torch.Tensor | None = None, *, depth: int = 3) -> list[dict]:
+    """Where float32 round-off grows: the relative deviation ``||f32 - f64|| / ||f64||`` of every
+    sub-module's output (names up to ``depth`` dots, in call order), ``module`` against its
+    :func:`float64_twin` on the same input (eval mode, default: real digits).
+
+    Each row: ``name``, ``type``, ``rel`` and ``growth`` (``rel`` over the previous row's, the step's
+    amplification). A well-conditioned chain grows by O(1) per step; a bilinear layer (a kernel
+    generated from its input and applied to it, as E4 and Neural ePDO do) roughly doubles it, since
+    the input's error enters both factors; a step that cancels (a small difference of large numbers,
+    a division by a near-zero denominator) shows as a growth of 10 or more.
+    """
+    x = _input(module, x)
+    twin = float64_twin(module)
+    outs = ({}, {})
+    order = []
+
+    def attach(m, store, record):
+        hooks = []
+        for n, sub in m.named_modules():
+            if not n or n.count(".") >= depth:
+                continue
+
+            def hook(mod, inp, out, n=n):
+                if isinstance(out, torch.Tensor):
+                    store[n] = out.detach()
+                    if record and n not in order:
+                        order.append(n)
+            hooks.append(sub.register_forward_hook(hook))
+        return hooks
+
+    hooks = attach(module, outs[0], True) + attach(twin, outs[1], False)
+    try:
+        with _evaluating(module), torch.no_grad():
+            outs[0][""] = module(x)
+            outs[1][""] = twin(x.double())
+    finally:
+        for h in hooks:
+            h.remove()
+    types = dict(module.named_modules())
+    rows, prev = [], None
+    for n in order + [""]:
+        a, b = outs[0][n].double(), outs[1][n]
+        den = b.norm().item()
+        rel = (a - b).norm().item() / den if den > 0 else float("nan")
+        rows.append({"name": n or "(output)", "type": type(types[n]).__name__, "rel": rel,
+                     "growth": rel / prev if prev else float("nan")})
+        prev = rel if rel > 0 else prev
+    return rows
 
 
 def _input(module, x):

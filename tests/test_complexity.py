@@ -143,3 +143,16 @@ def test_fused_aggregation_equals_the_tap_loop_reference():
         yf, yf0 = dynamic_aggregate(v.float(), k.float()), dynamic_aggregate_taps(v.float(), k.float())
         torch.testing.assert_close(yf, yf0, rtol=1e-5, atol=1e-5)
     assert type(dynamic_aggregate(v, k).grad_fn).__name__.startswith("_FusedAggregation")
+
+
+def test_step_profile_and_training_step_ratio():
+    """The profile's categories add up to the step, the G-CNN's step is mostly convolutions, and the
+    alternated ratio sees the plain CNN (4x fewer MACs) train faster than p4."""
+    from kit.complexity import step_profile, step_profile_markdown, training_step_ratio
+    p = step_profile("p4-mnist", batch=8, steps=1)
+    assert abs(sum(r["ms"] for r in p["rows"]) - p["ms_per_step"]) <= 1e-6 * p["ms_per_step"]
+    top = p["rows"][0]
+    assert top["category"].startswith("convolutions") and top["share"] > 0.3, p["rows"]
+    assert "**total per step**" in step_profile_markdown([p])
+    r = training_step_ratio("cnn-mnist", "p4-mnist", batch=8, rounds=3)
+    assert r["speed_ratio"] > 1.2, r

@@ -166,3 +166,50 @@ def test_check_command_line(tmp_path, capsys):
         main(["check", "no-such-model"])
     with pytest.raises(SystemExit, match="KEY=VALUE"):
         main(["check", "p4-mnist", "--set", "method"])
+
+
+def test_precision_trace_finds_a_cancelling_step():
+    """A step that subtracts a large common offset (cancellation) amplifies the relative float32
+    error; a plain chain does not."""
+    from kit.equivariance import precision_trace
+    from kit.fields import FieldType
+    from kit.groups import cyclic
+    from kit.layers.base import EquivariantModule
+
+    class Offset(EquivariantModule):
+        def __init__(self, c):
+            super().__init__()
+            self.in_type = self.out_type = FieldType(cyclic(4), "trivial", 1)
+            self.c = c
+
+        def _forward(self, x):
+            return x + self.c
+
+    class Chain(EquivariantModule):
+        def __init__(self):
+            super().__init__()
+            self.in_type = self.out_type = FieldType(cyclic(4), "trivial", 1)
+            self.up, self.down = Offset(1e3), Offset(-1e3)
+
+        def _forward(self, x):
+            return self.down(self.up(x / 3.0))
+
+    rows = {r["name"]: r for r in precision_trace(Chain(), torch.rand(2, 1, 8, 8))}
+    assert rows["up"]["rel"] < 1e-7                           # float32 rounding of x/3 + 1e3
+    assert rows["down"]["growth"] > 100, rows                 # 1e3 - 1e3 cancels: ~1e3 x
+
+
+def test_neural_epdo_float32_error_grows_gradually_and_at_the_head_bn():
+    """The conditioning finding on the trained zoo model: no Neural ePDO step amplifies float32
+    round-off by more than 2.5x (a bilinear layer: the input's error enters the generated kernel and
+    the filtered values), and the one large step is the head's BatchNorm1d, which removes the
+    invariant features' large common offset (their spread across digits is a tenth of their size)."""
+    from kit.equivariance import precision_trace
+    m = models.create("nepdo-mnist-regular-fd-small", pretrained=True)
+    rows = precision_trace(m)
+    steps = [r for r in rows if r["name"].count(".") == 2 and r["name"].startswith("layers.")]
+    head_bn = next(r for r in rows if r["name"] == "layers.24.bn")
+    others = [r["growth"] for r in steps if r is not head_bn]
+    assert max(others) <= 2.5, [(r["name"], r["growth"]) for r in steps]
+    assert head_bn["growth"] >= 5, head_bn
+    assert rows[-1]["rel"] <= 1e-5
