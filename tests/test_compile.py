@@ -148,3 +148,16 @@ def test_compiled_model_never_reads_a_stale_kernel(family):
         assert _rel(compiled(x), eager(x)) <= 1e-5
     eager.eval(), model.eval()
     agree("after train -> eval")
+
+
+def test_bench_compiled_columns():
+    """``python -m kit bench --compile``: the compiled measurement of a tiny stack (alternated speed-ups,
+    compile times, the compiled output against eager) and its table."""
+    from kit.bench import compiled_markdown, compiled_throughput
+    m = _stack("gconv")
+    c = compiled_throughput(m, torch.rand(4, 1, 12, 12), repeats=3, warmup=1)
+    assert c["fwd_speedup"] > 0 and c["train_speedup"] > 0 and c["compile_fwd_s"] > 0
+    assert c["rel_diff"] <= 1e-5
+    md = compiled_markdown([{"name": "tiny", "compiled": c}])
+    assert md.startswith("| entry | fwd speed-up") and "| tiny |" in md
+    assert compiled_markdown([{"name": "x"}]) == ""
