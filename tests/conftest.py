@@ -16,3 +16,13 @@ def digits():
     from kit.groups import disk_mask
     from kit.sample import load_sample
     return load_sample()["images"] * disk_mask(28, 28).float()
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (modules opt in with ``pytestmark = usefixtures("one_thread")``):
+    small kernels run faster without two threads contending on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -36,12 +36,7 @@ MODELS = {"nepdo-mnist-regular-fd": 234_186, "nepdo-mnist-regular-gauss": 234_18
           "pdo-econv-mnist-c16-fd": 1_633_770}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

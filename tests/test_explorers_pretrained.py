@@ -7,31 +7,16 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
+from zoo_helpers import HAVE, needs, small_fonts  # noqa: E402
 from kit import e4viz, epdoviz, models, zoo
 from kit.equivariance import check
 
 E4 = "e4-mnist-normal"
 NEPDO = epdoviz.ZOO_MODEL
-HAVE = set(models.list_models(pretrained=True))
 TOL = 1e-5
 
 
-def needs(name):
-    return pytest.mark.skipif(name not in HAVE, reason=f"no zoo weights for {name} in kit/weights yet "
-                                                       f"(train and export it: make zoo)")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _small_fonts(fig, minimum=9):
-    return [(t.get_text(), t.get_fontsize()) for t in fig.findobj(matplotlib.text.Text)
-            if t.get_text().strip() and t.get_visible() and t.get_fontsize() < minimum]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rel(a, b):
@@ -108,7 +93,7 @@ def test_e4_trained_vs_initial_figure(e4lab):
     raw = e4viz.trained_vs_initial(e4lab)
     assert not torch.allclose(raw["trained"], raw["initial"])
     assert torch.equal(raw["initial"], e4lab.initial.kernels_at(*e4lab.pixel))
-    assert not _small_fonts(fig)
+    assert not small_fonts(fig)
     plt.close(fig)
 
 
@@ -125,7 +110,7 @@ def test_e4_affine_break_on_trained_weights(e4lab):
     broken = [r.error for r in res[("per_channel", "trained + noise")] if r.angle or r.mirror]
     assert min(broken) > 1e-2
     fig = e4viz.affine_break_figure(res)
-    assert not _small_fonts(fig)
+    assert not small_fonts(fig)
     plt.close(fig)
 
 
@@ -134,7 +119,7 @@ def test_e4_existing_figures_work_on_the_trained_model(e4lab):
     r, c = e4lab.pixel
     for fig in (e4viz.dynamic_filters_figure(e4lab, r, c), e4viz.filter_rotation_figure(e4lab, r, c),
                 e4viz.static_vs_dynamic_figure(e4lab)):
-        assert isinstance(fig, plt.Figure) and not _small_fonts(fig)
+        assert isinstance(fig, plt.Figure) and not small_fonts(fig)
         plt.close(fig)
 
 
@@ -206,7 +191,7 @@ def test_epdo_trained_vs_initial_figure(eplab):
     raw = epdoviz.trained_vs_initial(eplab)
     assert torch.equal(raw["initial"], eplab.initial.at(eplab.x, *eplab.pixel)[0])
     assert not torch.allclose(raw["trained"], raw["initial"])
-    assert not _small_fonts(fig)
+    assert not small_fonts(fig)
     plt.close(fig)
 
 
@@ -215,7 +200,7 @@ def test_epdo_existing_figures_and_explorer_work_on_the_c8_model(eplab):
     r, c = eplab.pixel
     for fig in (epdoviz.coefficients_figure(eplab, r, c, slot=1, component=7),
                 epdoviz.rotation_figure(eplab, r, c), epdoviz.discretisations_figure(eplab, r, c)):
-        assert isinstance(fig, plt.Figure) and not _small_fonts(fig)
+        assert isinstance(fig, plt.Figure) and not small_fonts(fig)
         plt.close(fig)
     box = epdoviz.coefficient_explorer(eplab)
     sliders = [w for h in box.children[:2] for w in h.children]

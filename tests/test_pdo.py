@@ -19,14 +19,7 @@ TOL = 1e-5
 GROUPS = [cyclic(4), dihedral(4), cyclic(8), dihedral(8), cyclic(6), cyclic(12), dihedral(12), cyclic(16)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread is ~10x faster than two on a loaded
-    2-core machine (OpenMP oversubscription); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _field_input(G, C, digits, n=2):

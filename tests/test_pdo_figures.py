@@ -19,11 +19,8 @@ from kit.layers.stencils import DEFAULT_SIGMA, stencil  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_and_close():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _close_figures(one_thread):
     yield
-    torch.set_num_threads(n)
     plt.close("all")
 
 

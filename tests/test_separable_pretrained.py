@@ -16,31 +16,15 @@ import torch
 matplotlib.use("Agg")
 
 import kit.separable_lab as lab  # noqa: E402
+from zoo_helpers import HAVE, needs, small_fonts  # noqa: E402
 from kit import models, zoo  # noqa: E402
 from kit.equivariance import check, float64_twin, max_error  # noqa: E402
 from kit.layers.separable import SE2, LieLiftingConv, Sim2  # noqa: E402
 
 ZOO = (lab.SE2_MODEL, lab.SIM2_MODEL, lab.DSEP_MODEL)
-HAVE = set(models.list_models(pretrained=True))
 
 
-def needs(name):
-    return pytest.mark.skipif(name not in HAVE, reason=f"no zoo weights for {name} in kit/weights yet "
-                                                       f"(kit.models.list_models(pretrained=True) lacks it; "
-                                                       f"train and export it: make zoo)")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _small_fonts(fig, minimum=9):
-    return [(t.get_text(), t.get_fontsize()) for t in fig.findobj(matplotlib.text.Text)
-            if t.get_text().strip() and t.get_visible() and t.get_fontsize() < minimum]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _seeded_build(name, seed=0):
@@ -108,7 +92,7 @@ def test_grid_explorer_with_initial_redraws_both():
     alone = lab.kernel_function_figure(trained)
     both = lab.kernel_function_figure(trained, initial=initial)
     assert len(both.axes) == len(alone.axes) + 4                     # one more row of 4 spatial kernels
-    assert not _small_fonts(both), _small_fonts(both)
+    assert not small_fonts(both), small_fonts(both)
     box = lab.grid_explorer(trained, initial=initial)
     first = pixels(box.state["figure"])
     assert len(box.state["figure"].axes) == len(both.axes)
@@ -147,7 +131,7 @@ def test_standin_figures_build_with_readable_fonts(standin, monkeypatch):
     figs.append(lab.redundancy_figure(rows))
     for fig in figs:
         assert isinstance(fig, matplotlib.figure.Figure)
-        assert not _small_fonts(fig), _small_fonts(fig)
+        assert not small_fonts(fig), small_fonts(fig)
         matplotlib.pyplot.close(fig)
     with pytest.raises(ValueError, match="pick a separable group conv"):
         lab.trained_vs_initial_figure(trained, initial, layer="lift")

@@ -14,14 +14,7 @@ from kit.layers.stencils import (DEFAULT_SIGMA, METHODS, component_index, compon
 HS = np.array([0.2, 0.1, 0.05, 0.025])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tests run many tiny ops: one intra-op thread is ~10x faster than two on a loaded
-    2-core machine (OpenMP oversubscription); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
