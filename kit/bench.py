@@ -18,7 +18,8 @@ C4, D4, C8 and C16 (the ``compare`` extra, ``make compare``), it measures:
   any angle; a model is measured on its logits, with batch-norm statistics calibrated on real digits
   (:func:`kit.models.calibrate_batchnorm`; an uncalibrated untrained net barely depends on its input).
 * **parameters and MACs per image** (conv / matmul MACs counted by ``FlopCounterMode``, the dynamic
-  per-pixel aggregation of E4 and Neural ePDO layers added analytically, see :func:`count_macs`),
+  per-pixel aggregation of E4 and Neural ePDO layers added through the layers' ``dynamic_macs`` hook:
+  the kit's one counter, :func:`kit.complexity.count_macs`),
   and the batch-independent MACs of building the kernels from the parameters in a training step.
 * **throughput** (images/s) of the forward pass (eval mode, no gradient, cached kernels) and of
   forward + backward (train mode, kernels rebuilt, as in a training step), the median of
@@ -50,15 +51,15 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from . import models
 from .equivariance import check, error_vs_angle, float64_twin
 from .fields import FieldType
 from .groups import Group, cyclic, dihedral
 from .layers.base import EquivariantModule, EquivariantSequential, FieldReLU
+from .layers.registry import example_block, families, fields_for
 
-__all__ = ["Entry", "ENTRIES", "angles", "list_entries", "escnn_available", "EscnnBlock", "count_macs", "throughput",
+__all__ = ["Entry", "entries", "angles", "list_entries", "escnn_available", "EscnnBlock", "throughput",
            "measure_entry", "paired_ratio", "run", "load_results", "table_markdown", "comparison_markdown", "error_figure", "speed_figure", "main"]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,12 +98,6 @@ class Entry:
     counterpart: str | None = None      # the escnn entry measured at the same fields and kernel size
 
 
-def _fields(width: int, G: Group) -> int:
-    if width % G.order:
-        raise ValueError(f"width {width} is not a multiple of |{G.name}| = {G.order}")
-    return width // G.order
-
-
 class PlainConv(EquivariantModule):
     """A plain ``Conv2d`` with declared C4 trivial types, so the instrument can measure (and show) that
     a CNN layer is *not* equivariant. ``(B, C_in, H, W) -> (B, C_out, H, W)``."""
@@ -117,58 +112,17 @@ class PlainConv(EquivariantModule):
         return self.conv(x)
 
 
-def _block(lift: EquivariantModule, layer: EquivariantModule) -> EquivariantSequential:
-    return EquivariantSequential(lift, FieldReLU(lift.out_type), layer)
-
-
 def _cnn_layer(width, k):
     layer = PlainConv(in_channels=width, out_channels=width, kernel_size=k)
-    return layer, _block(PlainConv(in_channels=1, out_channels=width, kernel_size=k), layer)
+    return layer, EquivariantSequential(PlainConv(in_channels=1, out_channels=width, kernel_size=k),
+                                        FieldReLU(layer.in_type), layer)
 
 
-def _gconv_layer(G):
+def _family_layer(fam):
     def build(width, k):
-        from .layers.gconv import GroupConv, LiftingConv
-        f = _fields(width, G)
-        layer = GroupConv(group=G, in_fields=f, out_fields=f, kernel_size=k)
-        return layer, _block(LiftingConv(group=G, in_channels=1, out_fields=f, kernel_size=k), layer)
+        layer, lift = fam.layer(width=width, kernel_size=k)
+        return layer, example_block(layer, lift)
     return build
-
-
-def _e4_layer(width, k):
-    from .layers.e4 import E4Conv
-    from .layers.gconv import LiftingConv
-    G = cyclic(4)
-    f = _fields(width, G)
-    # the e4-mnist-normal hyper-parameters: reduction 1, 8 fields per generated kernel
-    layer = E4Conv(group=G, in_fields=f, out_fields=f, kernel_size=k, reduction=1,
-                   channels_per_slice=math.gcd(8, f))
-    return layer, _block(LiftingConv(group=G, in_channels=1, out_fields=f, kernel_size=k), layer)
-
-
-def _pdo_layer(width, k):
-    from .layers.pdo import PDOGroupConv, PDOLiftingConv
-    G = cyclic(8)
-    f = _fields(width, G)                               # PDO stencils are 5 x 5 whatever k is
-    layer = PDOGroupConv(group=G, in_fields=f, out_fields=f, method="fd")
-    return layer, _block(PDOLiftingConv(group=G, in_channels=1, out_fields=f, method="fd"), layer)
-
-
-def _epdo_layer(width, k):
-    from .layers.epdo import LinearPDOConv, NeuralEPDOConv
-    G = cyclic(16)
-    f = _fields(width, G)
-    # the nepdo-mnist-regular-fd hyper-parameters: g = s = 4, reduction 1
-    layer = NeuralEPDOConv(in_type=FieldType(G, "regular", f), out_fields=f, g=f, s=f, reduction=1, method="fd")
-    return layer, _block(LinearPDOConv(in_type=FieldType(G, "trivial", 1), out_fields=f, method="fd"), layer)
-
-
-def _separable_layer(width, k):
-    from .layers.separable import SE2, LieGroupConv, LieLiftingConv
-    grid = SE2(8)
-    f = width // grid.dim
-    layer = LieGroupConv(grid=grid, in_fields=f, out_fields=f, kernel_size=k, variant="separable")
-    return layer, _block(LieLiftingConv(grid=grid, in_channels=1, out_fields=f, kernel_size=k), layer)
 
 
 def _model(name, **overrides):
@@ -214,7 +168,7 @@ def _escnn_layer(n: int, flip: bool):
         from escnn import nn as enn
         gs = gspaces.flipRot2dOnR2(n) if flip else gspaces.rot2dOnR2(n)
         G = dihedral(n) if flip else cyclic(n)
-        f = _fields(width, G)
+        f = fields_for(width, G.order)
         t_img = enn.FieldType(gs, [gs.trivial_repr])
         t_reg = enn.FieldType(gs, [gs.regular_repr] * f)
         conv = enn.R2Conv(t_reg, t_reg, kernel_size=k, padding=k // 2)
@@ -228,23 +182,12 @@ def _escnn_layer(n: int, flip: bool):
 
 
 def _entries() -> dict[str, Entry]:
-    E = [
-        Entry("cnn-conv", "layer", "CNN baseline", "-", "eqkit", "Conv2d 64 -> 64 channels", _cnn_layer),
-        Entry("p4-gconv", "layer", "G-CNN", "C4", "eqkit", "GroupConv, 16 -> 16 regular fields",
-              _gconv_layer(cyclic(4)), "escnn-c4"),
-        Entry("p4m-gconv", "layer", "G-CNN", "D4", "eqkit", "GroupConv, 8 -> 8 regular fields",
-              _gconv_layer(dihedral(4)), "escnn-d4"),
-        Entry("p8-gconv", "layer", "G-CNN", "C8", "eqkit", "GroupConv, 8 -> 8 regular fields (interpolated kernels)",
-              _gconv_layer(cyclic(8)), "escnn-c8"),
-        Entry("c16-gconv", "layer", "G-CNN", "C16", "eqkit",
-              "GroupConv, 4 -> 4 regular fields (interpolated kernels)", _gconv_layer(cyclic(16)), "escnn-c16"),
-        Entry("e4-conv", "layer", "E4-Net", "C4", "eqkit", "E4Conv, 16 -> 16 regular fields (r=1, 8 fields/slice)",
-              _e4_layer),
-        Entry("pdo-conv", "layer", "PDO-eConv", "C8", "eqkit", "PDOGroupConv fd, 8 -> 8 regular fields", _pdo_layer),
-        Entry("nepdo-conv", "layer", "Neural ePDO", "C16", "eqkit",
-              "NeuralEPDOConv fd, 4 -> 4 regular fields (g=s=4, r=1)", _epdo_layer),
-        Entry("sep-conv", "layer", "Separable G-CNN", "SE(2), 8 rot.", "eqkit",
-              "LieGroupConv separable, 8 -> 8 fields", _separable_layer),
+    """The plain-CNN baseline, one entry per registered layer-family example (:mod:`kit.layers.registry`,
+    queried on every call, so a family registered later is measured too), escnn's layers and models."""
+    E = [Entry("cnn-conv", "layer", "CNN baseline", "-", "eqkit", "Conv2d 64 -> 64 channels", _cnn_layer)]
+    E += [Entry(f.name, "layer", f.family, f.group, "eqkit", f.description, _family_layer(f), f.counterpart)
+          for f in families()]
+    E += [
         Entry("escnn-c4", "layer", "escnn R2Conv", "C4", "escnn", "R2Conv, 16 -> 16 regular fields",
               _escnn_layer(4, False)),
         Entry("escnn-d4", "layer", "escnn R2Conv", "D4", "escnn", "R2Conv, 8 -> 8 regular fields",
@@ -266,16 +209,19 @@ def _entries() -> dict[str, Entry]:
     return {e.name: e for e in E}
 
 
-ENTRIES = _entries()
+def entries() -> dict[str, Entry]:
+    """Every benchmark entry by name (built afresh: families registered since are included)."""
+    return _entries()
 
 
 def list_entries(pattern: str = "*", *, kind: str | None = None, library: str | None = None) -> list[str]:
     """Entry names matching a glob (comma-separated globs allowed), optionally one kind / library."""
     pats = [p.strip() for p in pattern.split(",") if p.strip()]
-    names = [n for n, e in ENTRIES.items() if any(fnmatch.fnmatch(n, p) for p in pats)
+    all_entries = entries()
+    names = [n for n, e in all_entries.items() if any(fnmatch.fnmatch(n, p) for p in pats)
              and (kind is None or e.kind == kind) and (library is None or e.library == library)]
     if not names:
-        raise ValueError(f"no benchmark entry matches {pattern!r}; entries: {', '.join(ENTRIES)}")
+        raise ValueError(f"no benchmark entry matches {pattern!r}; entries: {', '.join(all_entries)}")
     return names
 
 
@@ -291,45 +237,12 @@ def _digits(n: int, seed: int = 0) -> torch.Tensor:
     return imgs[idx].float()
 
 
-def count_macs(module: nn.Module, x: torch.Tensor) -> dict:
-    """MACs per image of ``module`` on inputs shaped like ``x`` (batch ignored), and the batch-independent
-    MACs of building its kernels in a training step.
-
-    Convolutions, linear layers and matmuls are counted by ``FlopCounterMode`` (MACs = FLOPs / 2) in
-    train mode, at batch 1 and 2: the difference is the cost per image, the rest the kernel build.
-    The dynamic per-pixel aggregation of E4 and Neural ePDO layers (elementwise multiply-adds the
-    counter cannot see) is added per layer at its actual output size: ``channels x taps x H x W``.
-    """
-    from .layers.e4 import E4Conv
-    from .layers.epdo import NeuralEPDOConv
-
-    def counted(b):
-        dyn = [0]
-
-        def hook(mod, inp, out):
-            H, W = out.shape[-2:]
-            if isinstance(mod, E4Conv):
-                dyn[0] += out.shape[0] * mod.aggregation_macs(H, W)
-            else:                                              # NeuralEPDOConv: 5x5 taps per input channel
-                dyn[0] += out.shape[0] * mod.in_type.channels * 25 * H * W
-        hooks = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (E4Conv, NeuralEPDOConv))]
-        was = module.training
-        module.train()
-        try:
-            # (with autograd on: FlopCounterMode's module tracker trips over escnn's modules under no_grad)
-            with FlopCounterMode(display=False) as counter:
-                module(x[:1].expand(b, *x.shape[1:]).contiguous())
-        finally:
-            module.train(was)
-            for h in hooks:
-                h.remove()
-        return counter.get_total_flops() // 2, dyn[0]
-
-    (c2, d2), (c3, _) = counted(2), counted(3)           # batch >= 2: batch norm in train mode needs it
-    per_image = c3 - c2
-    dyn = d2 // 2                                          # the hook adds one term per image
-    return {"macs": per_image + dyn, "macs_counted": per_image, "macs_dynamic": dyn,
-            "macs_kernel_build": c2 - 2 * per_image}
+def _macs_of(module: nn.Module, x: torch.Tensor) -> dict:
+    """The benchmark's MAC columns, from the kit's one counter (:func:`kit.complexity.count_macs`)."""
+    from .complexity import count_macs
+    c = count_macs(module, tuple(x.shape[1:]))
+    return {"macs": c.macs, "macs_counted": c.macs_counted, "macs_dynamic": c.macs_dynamic,
+            "macs_kernel_build": c.macs_kernel_build}
 
 
 def _sync(device: torch.device):
@@ -533,9 +446,10 @@ def measure_entry(name: str, *, device: str | torch.device = "cpu", batch: int =
                   seed: int = 0, compile: bool = False) -> dict:
     """Every measurement of one entry, as a JSON-ready dict (see the module docstring); with
     ``compile=True`` also the same throughput under ``torch.compile`` (:func:`compiled_throughput`)."""
-    if name not in ENTRIES:
-        raise ValueError(f"unknown benchmark entry {name!r}; entries: {', '.join(ENTRIES)}")
-    e = ENTRIES[name]
+    all_entries = entries()
+    if name not in all_entries:
+        raise ValueError(f"unknown benchmark entry {name!r}; entries: {', '.join(all_entries)}")
+    e = all_entries[name]
     if e.library == "escnn" and not escnn_available():
         raise RuntimeError(f"{name} needs escnn, the optional 'compare' extra: run `make compare` "
                            f"(installs gfortran if missing, then pip install -e '.[compare]')")
@@ -554,14 +468,14 @@ def measure_entry(name: str, *, device: str | torch.device = "cpu", batch: int =
         x = _field_input(module.in_type, batch, module.card.input_shape[-1], "cpu", seed)
     else:
         x = _field_input(module.in_type, batch, size, "cpu", seed)
-    res.update(count_macs(module, x[:2]))
+    res.update(_macs_of(module, x))
     module.to(device)
     threads = torch.get_num_threads()
     res["throughput"] = throughput(module, x.to(device), repeats=repeats, warmup=warmup)
     if compile:
         res["compiled"] = compiled_throughput(module, x.to(device), repeats=repeats, warmup=warmup)
     if e.counterpart and escnn_available():           # the same fields and kernel size in escnn, timed in turn
-        other, _ = ENTRIES[e.counterpart].build(width, kernel)
+        other, _ = all_entries[e.counterpart].build(width, kernel)
         res["vs_counterpart"] = {"name": e.counterpart,
                                  **paired_ratio(module, other.to(device), x.to(device), rounds=max(repeats, 5))}
     res["device"] = device_description(device, threads)
@@ -589,7 +503,7 @@ def load_results(out_dir: str | Path = OUT_DIR) -> list[dict]:
     """Every entry's result in ``out_dir`` (``<entry>.json``), in the registry's order."""
     out_dir = Path(out_dir)
     res = []
-    for name in ENTRIES:
+    for name in entries():
         p = out_dir / f"{name}.json"
         if p.exists():
             res.append(json.loads(p.read_text()))
@@ -629,7 +543,7 @@ def run(pattern: str = "*", *, out_dir: str | Path = OUT_DIR, device: str = "cpu
                     continue
             except (json.JSONDecodeError, OSError):
                 pass
-        if ENTRIES[name].library == "escnn" and not escnn_available():
+        if entries()[name].library == "escnn" and not escnn_available():
             skipped[name] = "escnn not installed (make compare)"
             log(f"  {name:24s} skipped: escnn not installed (`make compare` installs the compare extra)")
             continue
@@ -872,7 +786,7 @@ def main(argv=None) -> int:
                    help="also measure every entry under torch.compile (default settings): compiled columns")
     a = p.parse_args(argv)
     if a.list:
-        for n, e in ENTRIES.items():
+        for n, e in entries().items():
             print(f"{n:24s} {e.kind:6s} {e.library:6s} {e.family:16s} {e.description}")
         return 0
     if a.threads:

@@ -3,20 +3,22 @@
 MACs are counted, not estimated by hand:
 
 * **standard ops** (convolutions, linear layers, matmuls, einsums lowered to ``bmm``) with
-  :class:`torch.utils.flop_counter.FlopCounterMode`; MACs = FLOPs / 2. The model runs on the
-  ``meta`` device (shapes only, instant) in train mode, so every kernel is rebuilt from its
-  parameters as in a training step. Two passes, batch 1 and batch 2, separate the cost **per image**
-  (the difference, the papers' convention) from the batch-independent **kernel build** (steering
-  the weight-tied filters: ``count(1) - per_image``). The kit's group convs steer their filters with
-  an einsum against permutation matrices, which the counter sees; the official code copies slices
-  (no MACs). Per-image numbers are unaffected.
-* **the E4 dynamic aggregation** (per-pixel depthwise filtering with generated kernels:
-  ``out |G| K^2 H W`` MACs per layer, :meth:`kit.layers.e4.E4Conv.aggregation_macs`) is made of
-  elementwise multiply-adds that FLOP counters do not see. It is added per E4 layer at the layer's
-  actual output size. To rule out double counting, the part of the aggregation the counter *does*
-  see is measured by running the layer's aggregation step alone under the counter
-  (:func:`aggregation_seen_by_counter`; 0 for the kit's formulation, whose ops are ``mul`` /
-  ``addcmul``) and subtracted from the addition.
+  :class:`torch.utils.flop_counter.FlopCounterMode`; MACs = FLOPs / 2. The model runs on a
+  ``meta``-device copy (shapes only, instant; a real copy where a module cannot run on meta) in
+  train mode, so every kernel is rebuilt from its parameters as in a training step. Two passes,
+  batch 2 and batch 3 (train-mode batch norm needs two values per channel), separate the cost
+  **per image** (the difference, the papers' convention) from the batch-independent **kernel
+  build** (steering the weight-tied filters: ``count(2) - 2 per_image``). The kit's group convs
+  steer their filters with an einsum against permutation matrices, which the counter sees; the
+  official code copies slices (no MACs). Per-image numbers are unaffected.
+* **input-dependent work the counter does not see**: every layer answers the family-protocol hook
+  :meth:`kit.layers.EquivariantModule.dynamic_macs` (0 by default), which the counter adds per call
+  at the layer's actual output size. E4 and Neural-ePDO layers report their per-pixel aggregation
+  with generated kernels (``out |G| K^2 H W`` for E4, :meth:`kit.layers.e4.E4Conv.aggregation_macs`;
+  ``in channels x 25 x H W`` for Neural ePDO), elementwise multiply-adds (``mul`` / ``addcmul``)
+  that FLOP counters do not see; :func:`aggregation_seen_by_counter` measures that the counter sees
+  none of it (tested), so nothing is counted twice. No class is special-cased here: a new family's
+  layer is counted through its hook.
 
 Checked against the counts made on the official E4-Net code (../shared/reference/e4net.md 6): the
 CIFAR ResNet-18 family agrees to rounding (the official CIFAR MACs include the aggregation; the
@@ -42,6 +44,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import models
 from .groups import Group, cyclic, dihedral
+from .layers.base import EquivariantModule
 from .layers.e4 import E4Conv, dynamic_aggregate, dynamic_aggregate_unfold
 from .layers.gconv import GroupConv
 
@@ -64,13 +67,13 @@ class Cost:
     name: str
     params: int
     macs_counted: int        # standard ops seen by FlopCounterMode, per image
-    macs_dynamic: int        # E4 dynamic aggregation added on top (0 for other models)
+    macs_dynamic: int        # input-dependent work the counter misses (layers' dynamic_macs hook), per image
     macs_kernel_build: int   # batch-independent: building the steered filters once per forward (train mode)
     input_shape: tuple
 
     @property
     def macs(self) -> int:
-        """Total MACs per image: counted + dynamic aggregation."""
+        """Total MACs per image: counted + dynamic."""
         return self.macs_counted + self.macs_dynamic
 
     def as_dict(self) -> dict:
@@ -94,26 +97,44 @@ def aggregation_seen_by_counter(layer: E4Conv, B: int, H: int, W: int) -> int:
 
 
 def count_macs(model: nn.Module, input_shape: tuple, *, name: str = "") -> Cost:
-    """Parameters and MACs per image of ``model`` for inputs ``(C, H, W) = input_shape``.
+    """Parameters and MACs per image of ``model`` for inputs ``input_shape`` (without the batch:
+    ``(C, H, W)`` for images, ``(C, D, H, W)`` for fields). The one MAC counter of the kit: the
+    benchmark, the zoo's manifests and the cost tables all use it.
 
-    The model is deep-copied to the meta device (the original is untouched); see the module
-    docstring for what is counted.
+    The model is copied (to the meta device where it can run there); the original is untouched.
+    See the module docstring for what is counted.
     """
     params = models.count_parameters(model)
-    m = _meta_copy(model).train()
-    e4_sizes = []
-    hooks = [mod.register_forward_hook(lambda mod, inp, out: e4_sizes.append((mod, *out.shape[-2:])))
-             for mod in m.modules() if isinstance(mod, E4Conv)]
+    input_shape = tuple(int(v) for v in input_shape)
     try:
-        one = _counted_macs(lambda: m(torch.empty(1, *input_shape, device="meta")))
+        (c2, dyn), (c3, _) = _count_on_copy(model, input_shape, "meta")
+    except Exception:                         # a module that cannot run on meta (e.g. escnn's): real zeros
+        (c2, dyn), (c3, _) = _count_on_copy(model, input_shape, "cpu")
+    per_image = c3 - c2
+    return Cost(name or type(model).__name__, params, per_image, dyn, c2 - 2 * per_image, input_shape)
+
+
+def _count_on_copy(model: nn.Module, input_shape: tuple, device: str) -> list[tuple[int, int]]:
+    """``(counted MACs, dynamic MACs per image)`` of a train-mode copy of ``model`` at batch 2 and 3."""
+    import copy
+
+    m = (_meta_copy(model) if device == "meta" else copy.deepcopy(model)).train()
+    dyn: list[int] = []
+    hooks = [mod.register_forward_hook(lambda mod, inp, out: dyn.append(mod.dynamic_macs(*out.shape[-2:])))
+             for mod in m.modules() if isinstance(mod, EquivariantModule)
+             and type(mod).dynamic_macs is not EquivariantModule.dynamic_macs]
+    out = []
+    try:
+        for b in (2, 3):
+            dyn.clear()
+            # autograd stays on: FlopCounterMode's module tracker trips over escnn's modules under no_grad
+            with FlopCounterMode(display=False) as counter:
+                m(torch.zeros(b, *input_shape, device=device))
+            out.append((counter.get_total_flops() // 2, sum(dyn)))
     finally:
         for h in hooks:
             h.remove()
-    two = _counted_macs(lambda: m(torch.empty(2, *input_shape, device="meta")))
-    per_image = two - one
-    dynamic = sum(mod.aggregation_macs(H, W) - aggregation_seen_by_counter(mod, 1, H, W)
-                  for mod, H, W in e4_sizes)
-    return Cost(name or type(model).__name__, params, per_image, dynamic, one - per_image, tuple(input_shape))
+    return out
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:

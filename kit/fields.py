@@ -64,6 +64,16 @@ class FieldType:
     def ndim(self) -> int:
         return (2 if self.is_trivial else 3) + (2 if self.spatial else 0)
 
+    def shape(self, H: int | None = None, W: int | None = None) -> tuple[int, ...]:
+        """The per-sample shape: ``(C, H, W)`` for trivial fields, ``(C, D, H, W)`` otherwise (no H, W
+        for non-spatial types)."""
+        core = (self.n_fields,) if self.is_trivial else (self.n_fields, self.dim)
+        if not self.spatial:
+            return core
+        if H is None or W is None:
+            raise ValueError(f"{self!r} is spatial: shape() needs H and W")
+        return (*core, int(H), int(W))
+
     def shape_str(self) -> str:
         field = "" if self.is_trivial else f", D={self.dim}"
         return f"(B, C={self.n_fields}{field}{', H, W' if self.spatial else ''})"

@@ -38,28 +38,25 @@ AXES = ("subgroup", "channels")
 
 # ------------------------------------------------------------------------------- kernels
 def group_kernel(layer: nn.Module) -> torch.Tensor:
-    """The identity output element's kernel ``(O, C, D, k, k)`` of a group-conv layer (detached)."""
-    if hasattr(layer, "canonical_kernel"):
-        return layer.canonical_kernel().detach()
-    from .layers.gconv import GroupConv
-
-    if isinstance(layer, GroupConv):
-        return layer.weight.detach().clone()
-    raise ValueError(f"{type(layer).__name__} is not a group convolution of the kit (expected "
-                     f"kit.layers.GroupConv or a layer with canonical_kernel())")
+    """The identity output element's kernel ``(O, C, D, k, k)`` of a group-conv layer (detached), through
+    the family-protocol hook :meth:`kit.layers.EquivariantModule.canonical_kernel`."""
+    hook = getattr(layer, "canonical_kernel", None)
+    K = hook() if hook is not None else None
+    if K is None:
+        raise ValueError(f"{type(layer).__name__} is not a group convolution with a static kernel (expected a kit layer whose "
+                         f"canonical_kernel() returns one, e.g. kit.layers.GroupConv)")
+    return K.detach()
 
 
 def group_conv_layers(model: nn.Module, *, min_kernel: int = 2) -> list[tuple[str, nn.Module]]:
-    """``(name, layer)`` for every group convolution in ``model`` with a spatial kernel of at least
-    ``min_kernel`` (1x1 skips are rank 1 trivially and left out by default). Lifting layers have no
-    input group axis and are not group convolutions here."""
-    from .layers.gconv import GroupConv
-
+    """``(name, layer)`` for every layer in ``model`` with a static group kernel (``canonical_kernel()``
+    is not None) of spatial size at least ``min_kernel`` (1x1 skips are rank 1 trivially and left out by
+    default). Lifting layers have no input group axis and are not group convolutions here."""
     out = []
     for name, m in model.named_modules():
-        if isinstance(m, GroupConv) or hasattr(m, "canonical_kernel"):
-            if getattr(m, "kernel_size", min_kernel) >= min_kernel:
-                out.append((name or type(m).__name__, m))
+        hook = getattr(m, "canonical_kernel", None)
+        if hook is not None and getattr(m, "kernel_size", min_kernel) >= min_kernel and hook() is not None:
+            out.append((name or type(m).__name__, m))
     return out
 
 

@@ -256,7 +256,7 @@ def export_run(run_dir, *, out_dir=None, log=print) -> dict:
     dict and its manifest, both written atomically; the held-out accuracy is measured on the file
     just written, loaded back through :func:`load_pretrained`."""
     from . import models
-    from .bench import count_macs
+    from .complexity import count_macs
     from .train import _atomic_write, load_checkpoint
 
     d = Path(run_dir)
@@ -281,7 +281,7 @@ def export_run(run_dir, *, out_dir=None, log=print) -> dict:
         model=name, builder_overrides=overrides, family=_family(card), paper=card.paper,
         file=pt.name, sha256=sha256(pt), bytes=size, dtype="float32",
         params=models.count_parameters(net),
-        macs_per_image=int(count_macs(models.create(name, **overrides), torch.zeros(2, *card.input_shape))["macs"]),
+        macs_per_image=int(count_macs(models.create(name, **overrides), card.input_shape).macs),
         preset=summ["preset"], recipe=recipe, recipe_overrides=summ.get("recipe_overrides", {}),
         recipe_source=summ.get("recipe_source", ""),
         scaled=dict(epochs=recipe["epochs"], paper_epochs=recipe.get("paper_epochs") or recipe["epochs"],

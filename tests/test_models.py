@@ -15,18 +15,9 @@ def test_registry_lists_the_foundation_models():
 
 
 def small(name):
-    """Big models (CIFAR ResNets, full-width separable ResNets) are exercised at about 1/8 of their
-    widths (multiples of 8) and with at most 4 rotations to keep CI fast; their full-size parameter
-    counts are tested in the family's own test file."""
-    card = models.model_card(name)
-    params = card.parameters
-    overrides = {}
-    widths = params.get("widths")
-    if isinstance(widths, tuple) and ({"cifar", "separable"} & set(card.tags)) and "small" not in card.tags:
-        overrides["widths"] = tuple(max(8, 8 * (w // 64)) for w in widths)
-    if isinstance(params.get("rotations"), int) and params["rotations"] > 4:
-        overrides["rotations"] = 4
-    return models.create(name, **overrides)
+    """The model at its card's CI size (``card.ci``: big models at about 1/8 of their widths, at most
+    4 rotations); full-size parameter counts are checked below against the papers."""
+    return models.create_ci(name)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -99,3 +90,32 @@ def test_gauss_paper_models_build_the_official_operator(name):
         assert torch.equal(m.stencils, raw.float())            # the float32 buffer of the raw stencils
     assert (corrected - raw).norm() / raw.norm() > 0.01        # the option is a different operator
     assert "Gaussian" in models.model_card(name).description
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_invariance_flag_of_every_card_holds_in_float64(name):
+    """The card's ``invariant`` flag, measured: logits at CI size in float64 (batch norm calibrated)
+    under every grid-exact element ("grid"), its rotations ("rotations"), or shown *not* invariant
+    ("none": the instrument must see it)."""
+    card = models.model_card(name)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, *card.input_shape, generator=g)
+    m = models.calibrate_batchnorm(small(name), x[:32]).double()
+    G = m.in_type.group
+    exact = [e for e in G.elements if G.is_exact_on_grid(e)]
+    if card.invariant == "rotations":
+        exact = [e for e in exact if not e.f]
+    err = max(r.error for r in check(m, exact, x=x[32:34].double()))
+    if card.invariant == "none":
+        assert err > 1e-3, (name, err)
+    else:
+        assert err <= 1e-9, (name, card.invariant, err)
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if "params" in models.model_card(n).reported])
+def test_parameter_count_is_the_papers(name):
+    """Full size, with the card's ``paper_overrides`` (e.g. E4's per-channel GroupNorm affine), within
+    the rounding the paper printed (``params_precision``)."""
+    card = models.model_card(name)
+    n = models.count_parameters(models.create(name, **card.paper_overrides))
+    assert abs(n - card.reported["params"]) <= card.reported.get("params_precision", 0), (name, n, card.reported)

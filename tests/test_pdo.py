@@ -221,31 +221,6 @@ def test_shapes_stride_and_backward(digits):
     assert lift.weight.grad.abs().sum() > 0 and gc.weight.grad.abs().sum() > 0
 
 
-def test_kernel_cache_never_stale(digits):
-    G = cyclic(8)
-    m = PDOGroupConv(group=G, in_fields=1, out_fields=2)
-    x = _field_input(G, 1, digits, n=1)
-    m.eval()
-    with torch.no_grad():
-        y0 = m(x)
-        assert m(x).equal(y0) and m._kernel_cache is not None             # cached in eval
-    opt = torch.optim.SGD(m.parameters(), lr=0.5)
-    m.train()
-    m(x).square().mean().backward()
-    opt.step()
-    m.eval()
-    with torch.no_grad():
-        y1 = m(x)
-    assert not y1.equal(y0)
-    fresh = copy.deepcopy(m)
-    fresh._kernel_cache = None
-    with torch.no_grad():
-        assert torch.allclose(fresh(x), y1)
-        other = PDOGroupConv(group=G, in_fields=1, out_fields=2)
-        m.load_state_dict(other.state_dict())                             # in-place copy -> new version
-        assert torch.allclose(m(x), other.eval()(x))
-
-
 def test_bad_arguments_name_expected_and_got():
     with pytest.raises(ValueError, match=r"unknown discretisation method 'spline'; expected one of"):
         PDOLiftingConv(group=cyclic(8), in_channels=1, out_fields=2, method="spline")

@@ -31,6 +31,18 @@ class EquivariantModule(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # -- optional hooks of the family protocol (kit.layers.registry); the defaults mean "none" --------
+    def dynamic_macs(self, H: int, W: int) -> int:
+        """Multiply-accumulates per image of input-dependent work that FLOP counters do not see
+        (E4 / Neural-ePDO per-pixel aggregation), for an ``H x W`` *output*; 0 for static layers.
+        :func:`kit.complexity.count_macs` adds it per call at the layer's actual output size."""
+        return 0
+
+    def canonical_kernel(self) -> torch.Tensor | None:
+        """The identity output element's kernel ``(O, C, D, k, k)`` (detached) of a layer with a static
+        group kernel (what :mod:`kit.redundancy` analyses); ``None`` for layers without one."""
+        return None
+
     def extra_repr(self) -> str:
         return f"{self.in_type} -> {self.out_type}"
 

@@ -70,9 +70,10 @@ import torch.nn.functional as F
 
 from .._compat import is_compiling
 from ..fields import FieldType
-from ..groups import Group
+from ..groups import Group, cyclic
 from .base import EquivariantModule, KernelCache, steering_matrices
-from .gconv import GroupConv
+from .gconv import GroupConv, LiftingConv
+from .registry import fields_for, register_family
 
 __all__ = ["E4Conv", "FieldGroupNorm", "AFFINE_MODES", "dynamic_aggregate", "dynamic_aggregate_taps",
            "dynamic_aggregate_unfold", "dynamic_aggregate_functional", "fused_extension"]
@@ -239,6 +240,10 @@ class E4Conv(KernelCache, EquivariantModule):
     def aggregation_macs(self, H: int, W: int) -> int:
         """MACs of the dynamic aggregation for one ``H x W`` image (not seen by conv FLOP counters)."""
         return self.out_type.channels * self.kernel_size ** 2 * H * W
+
+    def dynamic_macs(self, H: int, W: int) -> int:
+        """The family-protocol hook: the per-pixel aggregation, :meth:`aggregation_macs`."""
+        return self.aggregation_macs(H, W)
 
     def extra_repr(self) -> str:
         return (f"{self.in_type} -> {self.out_type}, kernel_size={self.kernel_size}, reduction={self.reduction}, "
@@ -411,3 +416,16 @@ def dynamic_aggregate_unfold(v: torch.Tensor, kern: torch.Tensor) -> torch.Tenso
     u = F.unfold(v.flatten(1, 2), K, padding=K // 2)                               # (B, C*G*KK, H*W)
     u = u.view(B, S, cps, G, K * K, H, W)                                          # (B, S, cps, G, KK, H, W)
     return (u * kern.unsqueeze(2)).sum(dim=4).view(B, C, G, H, W)                   # (B, C, G, H, W)
+
+
+# ------------------------------------------------------------------------------ the family registry
+@register_family("e4-conv", family="E4-Net", group="C4",
+                 description="E4Conv, 16 -> 16 regular fields (r=1, 8 fields/slice)",
+                 paper="He et al., Efficient Equivariant Network, NeurIPS 2021")
+def _e4_example(*, width, kernel_size):
+    G = cyclic(4)
+    f = fields_for(width, G.order)
+    # the e4-mnist-normal hyper-parameters: reduction 1, 8 fields per generated kernel
+    return (E4Conv(group=G, in_fields=f, out_fields=f, kernel_size=kernel_size, reduction=1,
+                   channels_per_slice=math.gcd(8, f)),
+            LiftingConv(group=G, in_channels=1, out_fields=f, kernel_size=kernel_size))

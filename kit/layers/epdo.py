@@ -81,10 +81,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fields import FieldType
-from ..groups import Group, Representation, regular_rep
+from ..groups import Group, Representation, cyclic, regular_rep
 from .base import EquivariantModule, KernelCache
 from .e4 import FieldGroupNorm, dynamic_aggregate
 from .pdo import substitution_matrix
+from .registry import fields_for, register_family
 from .stencils import METHODS, component_index, stencil_bank
 
 __all__ = ["quotient_rep", "derivative_rep", "pdo_rep", "coefficient_rep", "direct_sum", "tensor_rep",
@@ -707,6 +708,10 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         y = dynamic_aggregate(v, k)                                              # (B, z, d, H, W)
         return y.view(Bn, g, z // g, d, H, W).transpose(1, 2).reshape(Bn, z, d, H, W)
 
+    def dynamic_macs(self, H: int, W: int) -> int:
+        """The family-protocol hook: the per-pixel 5x5 filtering of every input channel."""
+        return self.in_type.channels * KERNEL_SIZE ** 2 * H * W
+
     def _forward(self, x):                                                       # (B, z, d, H, W)
         # the L1 normalisation is a per-pixel scale shared by a stencil's d x 25 taps, so it is applied
         # after the (linear) filtering, to the (B, z, d, H, W) output rather than to the g*25/z times
@@ -782,3 +787,15 @@ def centre_equivariance_error(module: EquivariantModule, element, *, batch: int 
     if not out_type.is_trivial:
         y = torch.einsum("jk,bck->bcj", out_type.rep(h), y)
     return float((yr - y).norm() / y.norm())
+
+
+# ------------------------------------------------------------------------------ the family registry
+@register_family("nepdo-conv", family="Neural ePDO", group="C16",
+                 description="NeuralEPDOConv fd, 4 -> 4 regular fields (g=s=4, r=1)",
+                 paper="He et al., Neural ePDOs, ICLR 2023")
+def _nepdo_example(*, width, kernel_size):
+    G = cyclic(16)
+    f = fields_for(width, G.order)
+    # the nepdo-mnist-regular-fd hyper-parameters: g = s = 4, reduction 1 (5 x 5 stencils whatever kernel_size is)
+    return (NeuralEPDOConv(in_type=FieldType(G, "regular", f), out_fields=f, g=f, s=f, reduction=1, method="fd"),
+            LinearPDOConv(in_type=FieldType(G, "trivial", 1), out_fields=f, method="fd"))

@@ -23,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fields import FieldType
-from ..groups import Group
+from ..groups import Group, cyclic, dihedral
 from .base import EquivariantModule, KernelCache, steering_matrices
+from .registry import fields_for, register_family
 
 __all__ = ["LiftingConv", "GroupConv", "steer_kernel"]
 
@@ -120,3 +121,25 @@ class GroupConv(_RegularOutConv):
                  interpolation: str = "bilinear"):
         super().__init__(FieldType(group, "regular", in_fields), out_fields, kernel_size, padding,
                          stride, bias, interpolation)
+
+    def canonical_kernel(self) -> torch.Tensor:
+        """The identity output element's kernel ``(C_out, C_in, |G|, k, k)``: the weight itself (detached)."""
+        return self.weight.detach().clone()
+
+
+# ------------------------------------------------------------------------------ the family registry
+def _gconv_example(G: Group):
+    def build(*, width, kernel_size):
+        f = fields_for(width, G.order)
+        return (GroupConv(group=G, in_fields=f, out_fields=f, kernel_size=kernel_size),
+                LiftingConv(group=G, in_channels=1, out_fields=f, kernel_size=kernel_size))
+    return build
+
+
+for _G, _tag in ((cyclic(4), "p4"), (dihedral(4), "p4m"), (cyclic(8), "p8"), (cyclic(16), "c16")):
+    _interp = not all(_G.is_exact_on_grid(g) for g in _G.elements)
+    register_family(f"{_tag}-gconv", family="G-CNN", group=_G.name,
+                    description=f"GroupConv, {64 // _G.order} -> {64 // _G.order} regular fields"
+                                + (" (interpolated kernels)" if _interp else ""),
+                    paper="Cohen & Welling, Group Equivariant Convolutional Networks, ICML 2016",
+                    counterpart=f"escnn-{_G.name.lower()}")(_gconv_example(_G))

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from ..fields import FieldType
 from ..groups import Group, cyclic, rotation_matrix
 from .base import EquivariantModule, KernelCache
+from .registry import fields_for, register_family
 from .stencils import METHODS, component_index, components, stencil, stencil_bank
 
 __all__ = ["PDOLiftingConv", "PDOGroupConv", "LEARNABLE", "substitution_matrix", "fd_monomial_matrix",
@@ -316,3 +317,13 @@ def refinement_study(*, method: str = "fd", n: int = 8, k: int = 1, hs=(0.2, 0.1
         err = ((y1 - y2).abs() * mask).amax() / (y2.abs() * mask).amax()
         out.append({"h": float(h), "error": float(err), "points": int(mask.sum())})
     return out
+
+
+# ------------------------------------------------------------------------------ the family registry
+@register_family("pdo-conv", family="PDO-eConv", group="C8", description="PDOGroupConv fd, 8 -> 8 regular fields",
+                 paper="Shen et al., PDO-eConvs, ICML 2020")
+def _pdo_example(*, width, kernel_size):
+    G = cyclic(8)
+    f = fields_for(width, G.order)                      # PDO stencils are 5 x 5 whatever kernel_size is
+    return (PDOGroupConv(group=G, in_fields=f, out_fields=f, method="fd"),
+            PDOLiftingConv(group=G, in_channels=1, out_fields=f, method="fd"))

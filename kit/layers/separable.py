@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from ..fields import FieldType
 from ..groups import CyclicGroup, Representation, cyclic, regular_rep, rotate_image
 from .base import EquivariantModule, KernelCache
+from .registry import fields_for, register_family
 
 __all__ = ["LieGrid", "SE2", "Sim2", "scale_regular_rep", "SIREN", "LieLiftingConv", "LieGroupConv",
            "VARIANTS", "LIFT_VARIANTS", "shared_grid_offset", "lie_convs"]
@@ -513,3 +514,14 @@ def shared_grid_offset(module: nn.Module, offset: float | None = None):
     finally:
         for c in convs:
             c._forced_offset = None
+
+
+# ------------------------------------------------------------------------------ the family registry
+@register_family("sep-conv", family="Separable G-CNN", group="SE(2), 8 rot.",
+                 description="LieGroupConv separable, 8 -> 8 fields",
+                 paper="Knigge, Romero & Bekkers, Exploiting Redundancy, ICML 2022")
+def _separable_example(*, width, kernel_size):
+    grid = SE2(8)
+    f = fields_for(width, grid.dim)
+    return (LieGroupConv(grid=grid, in_fields=f, out_fields=f, kernel_size=kernel_size, variant="separable"),
+            LieLiftingConv(grid=grid, in_channels=1, out_fields=f, kernel_size=kernel_size))

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-__all__ = ["ModelCard", "register_model", "create", "list_models", "model_card", "count_parameters",
+__all__ = ["ModelCard", "register_model", "create", "create_ci", "list_models", "model_card", "count_parameters",
            "calibrate_batchnorm"]
 
 
@@ -29,6 +29,9 @@ class ModelCard:
     reported: dict = field(default_factory=dict)   # e.g. {"params": 26747, "test_error": 1.2, "source": "..."}
     recipe: str | None = None                      # name of a kit.train preset
     tags: tuple = ()
+    invariant: str = "grid"      # logits invariant at: "grid" every grid-exact element, "rotations" its rotations, "none"
+    ci: dict = field(default_factory=dict)             # builder overrides for CI-sized builds (tests)
+    paper_overrides: dict = field(default_factory=dict)  # overrides under which the parameter count is the paper's
 
     @property
     def has_weights(self) -> bool:
@@ -42,6 +45,20 @@ class ModelCard:
 
 
 _REGISTRY: dict[str, ModelCard] = {}
+INVARIANCE = ("grid", "rotations", "none")
+
+
+def _ci_size(fn, tags) -> dict:
+    """The default CI size of a card: big models (CIFAR ResNets, full-width separable ResNets) at
+    about 1/8 of their widths (multiples of 8) and with at most 4 rotations; others as registered."""
+    params = {k: p.default for k, p in inspect.signature(fn).parameters.items()}
+    ci = {}
+    widths = params.get("widths")
+    if isinstance(widths, tuple) and ({"cifar", "separable"} & set(tags)) and "small" not in tags:
+        ci["widths"] = tuple(max(8, 8 * (w // 64)) for w in widths)
+    if isinstance(params.get("rotations"), int) and params["rotations"] > 4:
+        ci["rotations"] = 4
+    return ci
 
 
 def register_model(name: str, **card):
@@ -53,6 +70,9 @@ def register_model(name: str, **card):
         bad = [k for k, p in inspect.signature(fn).parameters.items() if p.kind is not p.KEYWORD_ONLY]
         if bad:
             raise TypeError(f"builder of {name!r} must be keyword-only; positional parameters: {bad}")
+        if card.get("invariant", "grid") not in INVARIANCE:
+            raise ValueError(f"model {name!r}: invariant must be one of {INVARIANCE}, got {card['invariant']!r}")
+        card.setdefault("ci", _ci_size(fn, card.get("tags", ())))
         _REGISTRY[name] = ModelCard(name=name, builder=fn, **card)
         return fn
 
@@ -98,6 +118,11 @@ def create(name: str, *, pretrained: bool = False, **overrides) -> nn.Module:
     if pretrained:
         model = _zoo().load_pretrained(name, model)
     return model
+
+
+def create_ci(name: str, **overrides) -> nn.Module:
+    """The named model at its card's CI size (``card.ci``; what the registry tests build)."""
+    return create(name, **{**model_card(name).ci, **overrides})
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -137,7 +137,7 @@ class E4MnistNet(EquivariantSequential):
 _MNIST = dict(input_shape=(1, 28, 28), num_classes=10, recipe="e4-mnist-rot", tags=("mnist", "e4"))
 
 
-@register_model("e4-mnist-normal", paper=_PAPER,
+@register_model("e4-mnist-normal", paper=_PAPER, paper_overrides={"affine": "per_channel"},
                 description="E4-Net 'Normal' for MNIST-rot: C4, 16 fields, 6 E4 layers (K=5, 8 channels/slice, "
                             "r=1), ~18k parameters",
                 reported={"test_error": 1.29, "accuracy": 98.71, "params": 18_694, "macs": 15.5e6,
@@ -153,7 +153,7 @@ def e4_mnist_normal(*, width: int = 16, kernel_size: int = 5, reduction: int = 1
                       num_classes=num_classes, in_channels=in_channels)
 
 
-@register_model("e4-mnist-large", paper=_PAPER,
+@register_model("e4-mnist-large", paper=_PAPER, paper_overrides={"affine": "per_channel"},
                 description="E4-Net 'Large' for MNIST-rot: C4, 24 fields, 6 E4 layers (K=5, 2 channels/slice, "
                             "r=2), ~45k parameters",
                 reported={"test_error": 1.19, "accuracy": 98.81, "params": 45_514, "macs": 38.0e6,
@@ -286,7 +286,7 @@ def _reported(params10, params100, macs, acc10, acc100, *, downsampling="full-re
                       f"at 32x32 ({downsampling} downsampling): {_SRC_COUNT}"}
 
 
-@register_model("resnet18", paper=f"baseline of {_PAPER}",
+@register_model("resnet18", paper=f"baseline of {_PAPER}", invariant="none",
                 description="plain CIFAR ResNet-18 (64/128/256/512, dropout 0.2 in every block), ~11.2M parameters",
                 reported=_reported(11_173_962, 11_220_132, 555e6, 90.3, 66.0, downsampling="strided conv"), tags=("cifar", "baseline"),
                 **_CIFAR)
@@ -303,7 +303,7 @@ def p4_resnet18(*, num_classes: int = 10, widths=(32, 64, 128, 256), dropout: fl
                          dropout=dropout)
 
 
-@register_model("p4-e4-resnet18", paper=_PAPER,
+@register_model("p4-e4-resnet18", paper=_PAPER, paper_overrides={"affine": "per_channel"},
                 description="p4 E4-ResNet-18: p4-ResNet-18 with the second 3x3 of every block replaced by E4 "
                             "(K=3, r=2, 2 channels/slice), ~6.3M parameters",
                 reported=_reported(6_343_178, 6_366_308, 2_046e6, 93.58, 73.41), tags=("cifar", "e4"), **_CIFAR)
@@ -323,7 +323,7 @@ def p4m_resnet18(*, num_classes: int = 10, widths=(22, 44, 88, 176), dropout: fl
                          dropout=dropout)
 
 
-@register_model("p4m-e4-resnet18", paper=_PAPER,
+@register_model("p4m-e4-resnet18", paper=_PAPER, paper_overrides={"affine": "per_channel"},
                 description="p4m E4-ResNet-18: p4m-ResNet-18 with the second 3x3 of every block replaced by E4 "
                             "(K=3, r=2, 2 channels/slice), ~5.8M parameters",
                 reported=_reported(5_809_572, 5_825_502, 3_794e6, 95.04, 77.82), tags=("cifar", "e4"), **_CIFAR)

@@ -263,7 +263,7 @@ def nepdo_mnist_quotient_gauss(*, widths=_Q["widths"], g: int = 4, s: int = 1, r
 
 
 @register_model(
-    "nepdo-mnist-d16c16-gauss",
+    "nepdo-mnist-d16c16-gauss", invariant="rotations",     # C16 after the restriction: no mirror
     description="Neural ePDO MNIST-rot net, D16 regular fields restricted to C16 after the 5th layer "
                 "(conv6: 64 -> 128 C16 fields), raw Gaussian-derivative stencils (the official operator; "
                 "stencil_kw={'normalize': True}: the kit's moment-corrected variant), widths 12/16/24/24/32/64, g=4, s=1, "

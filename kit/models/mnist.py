@@ -84,7 +84,7 @@ class PlainCNN(nn.Module):
 _CARD = dict(input_shape=(1, 28, 28), num_classes=10, recipe="mnist-quick", tags=("mnist", "baseline"))
 
 
-@register_model("cnn-mnist", paper="baseline (no equivariance)",
+@register_model("cnn-mnist", paper="baseline (no equivariance)", invariant="none",
                 description="plain CNN, 6 conv layers, ~72k parameters", **_CARD)
 def cnn_mnist(*, widths=(16, 32, 64), num_classes: int = 10, in_channels: int = 1):
     return PlainCNN(widths=widths, num_classes=num_classes, in_channels=in_channels)

@@ -172,7 +172,7 @@ class PDOResNet(EquivariantSequential):
 
 # ---------------------------------------------------------------------------- registry
 @register_model(
-    "pdo-mnist-p8", paper=PAPER,
+    "pdo-mnist-p8", paper=PAPER, invariant="none",           # the paper's dense 4x4 head
     description="PDO-eConv MNIST-rot net, p8 (C8), 7 fields per layer, 26,747 parameters (paper head: "
                 "dense 4x4 conv over orientations, not invariant)",
     input_shape=(1, 28, 28), num_classes=10, recipe="pdo-econv-mnist",
@@ -189,7 +189,7 @@ _CIFAR = dict(input_shape=(3, 32, 32), num_classes=10, recipe="pdo-econv-cifar")
 
 
 @register_model(
-    "pdo-resnet44-p8", paper=PAPER,
+    "pdo-resnet44-p8", paper=PAPER, invariant="none",
     description="PDO-eConv pre-activation ResNet-44, p8, widths 11/23/45 (the released cifar.py defaults)",
     reported={"params": 2621693, "params_cifar100": 2654183, "test_error_cifar10": 3.68,
               "test_error_cifar100": 20.01, "source": _CODE + "; PwC lists 96.32% (C10)",
@@ -202,7 +202,7 @@ def pdo_resnet44_p8(*, widths=(11, 23, 45), num_classes: int = 10, method: str =
 
 
 @register_model(
-    "pdo-resnet26-p6", paper=PAPER,
+    "pdo-resnet26-p6", paper=PAPER, invariant="none",
     description="PDO-eConv pre-activation ResNet-26, p6 (C6), widths 6/13/26 (inferred), 362,386 parameters",
     reported={"params": 360_000, "params_precision": 5_000, "test_error_cifar10": 5.65, "test_error_cifar100": 27.13,
               "source": "README table '0.36M'; widths inferred from the count (not in the released code)"},
@@ -214,7 +214,7 @@ def pdo_resnet26_p6(*, widths=(6, 13, 26), num_classes: int = 10, method: str = 
 
 
 @register_model(
-    "pdo-resnet26-p6m", paper=PAPER,
+    "pdo-resnet26-p6m", paper=PAPER, invariant="none",
     description="PDO-eConv pre-activation ResNet-26, p6m (D6), widths 5/10/18 (inferred, speculative), "
                 "372,587 parameters",
     reported={"params": 370_000, "params_precision": 5_000, "test_error_cifar10": 5.38, "test_error_cifar100": 27.00,
@@ -228,7 +228,7 @@ def pdo_resnet26_p6m(*, widths=(5, 10, 18), num_classes: int = 10, method: str =
 
 
 @register_model(
-    "pdo-resnet26-p8", paper=PAPER,
+    "pdo-resnet26-p8", paper=PAPER, invariant="none",
     description="PDO-eConv pre-activation ResNet-26, p8, wide: widths 20/40/80 (inferred), 4,591,630 parameters",
     reported={"params": 4_600_000, "params_precision": 50_000, "test_error_cifar10": 3.50, "test_error_cifar100": 18.40,
               "source": "README table '4.6M' (the abstract's 12.6% of WRN-28-10's 36.5M); widths inferred"},
