@@ -100,7 +100,7 @@ def _check(args) -> int:
     import ast
     import json
 
-    from .complexity import save_text
+    from ._io import atomic_write_text
     from .equivariance import precision_markdown, precision_report
     from .models import list_models
 
@@ -124,7 +124,7 @@ def _check(args) -> int:
                   f"err f64 {r['error_f64']:.1e}  ({time.time() - t:.0f} s)", flush=True)
     print(precision_markdown(rows, target=args.target))
     if args.json:
-        save_text(json.dumps(rows, indent=1), args.json)
+        atomic_write_text(args.json, json.dumps(rows, indent=1))
         print(f"wrote {args.json}")
     return 0
 

@@ -35,7 +35,6 @@ loses nothing.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import fnmatch
 import json
@@ -50,7 +49,6 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import models
 from .equivariance import check, error_vs_angle, float64_twin
@@ -58,6 +56,8 @@ from .fields import FieldType
 from .groups import Group, cyclic, dihedral
 from .layers.base import EquivariantModule, EquivariantSequential, FieldReLU
 from .layers.registry import example_block, families, fields_for
+from ._io import atomic_write_json, atomic_write_text
+from .timing import alternated, peak_memory, sync, timed
 
 __all__ = ["Entry", "entries", "angles", "list_entries", "escnn_available", "EscnnBlock", "throughput",
            "measure_entry", "paired_ratio", "run", "load_results", "table_markdown", "comparison_markdown", "error_figure", "speed_figure", "main"]
@@ -245,52 +245,6 @@ def _macs_of(module: nn.Module, x: torch.Tensor) -> dict:
             "macs_kernel_build": c.macs_kernel_build}
 
 
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _timed(fn, device, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def _peak(fn, device) -> int:
-    """Peak bytes allocated by torch while ``fn()`` runs, above what was allocated before."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from .complexity import memory_profile
-    with _quiet_stderr():                              # the profiler's C++ start/stop lines
-        return memory_profile(fn)[0]
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    import sys
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def throughput(module: nn.Module, x: torch.Tensor, *, repeats: int = 7, warmup: int = 2) -> dict:
     """Images/s and peak memory of the forward pass (eval, no grad) and of forward + backward (train,
     ``module(x).square().mean().backward()``), on ``x``'s device; medians of ``repeats`` runs."""
@@ -307,11 +261,11 @@ def throughput(module: nn.Module, x: torch.Tensor, *, repeats: int = 7, warmup: 
         module(x).square().mean().backward()
 
     module.eval()
-    tf = _timed(fwd, device, repeats, warmup)
-    peak_f = _peak(fwd, device)
+    tf = timed(fwd, repeats=repeats, warmup=warmup, device=device)
+    peak_f = peak_memory(fwd, device=device)
     module.train()
-    tt = _timed(train_step, device, repeats, warmup)
-    peak_t = _peak(train_step, device)
+    tt = timed(train_step, repeats=repeats, warmup=warmup, device=device)
+    peak_t = peak_memory(train_step, device=device)
     module.zero_grad(set_to_none=True)
     module.eval()
     mf, mt = statistics.median(tf), statistics.median(tt)
@@ -327,14 +281,13 @@ def _warm_up(device: torch.device, seconds: float = 1.0):
     t = time.perf_counter()
     while time.perf_counter() - t < seconds:
         conv(x).sum().backward()
-    _sync(device)
+    sync(device)
 
 
 def paired_ratio(a: nn.Module, b: nn.Module, x: torch.Tensor, *, rounds: int = 9, warmup: int = 2) -> dict:
-    """Time ``a`` over time ``b`` on the same input, measured in alternation (a b, b a, a b, ...) so
-    that a drift of the machine's speed hits both alike: the median over ``rounds`` of the per-round
+    """Time ``a`` over time ``b`` on the same input, measured in alternation (:func:`kit.timing.alternated`)
+    so that a drift of the machine's speed hits both alike: the median over ``rounds`` of the per-round
     ratio, for the forward pass (eval, no grad) and for forward + backward (train)."""
-    device = x.device
 
     def fwd(m):
         with torch.no_grad():
@@ -347,18 +300,8 @@ def paired_ratio(a: nn.Module, b: nn.Module, x: torch.Tensor, *, rounds: int = 9
     out = {}
     for key, fn, mode in (("fwd", fwd, False), ("train", step, True)):
         a.train(mode), b.train(mode)
-        for _ in range(warmup):
-            fn(a), fn(b)
-        ratios = []
-        for i in range(rounds):
-            t = {}
-            for m in ((a, b) if i % 2 == 0 else (b, a)):
-                _sync(device)
-                t0 = time.perf_counter()
-                fn(m)
-                _sync(device)
-                t[id(m)] = time.perf_counter() - t0
-            ratios.append(t[id(a)] / t[id(b)])
+        ta, tb = alternated(lambda: fn(a), lambda: fn(b), rounds=rounds, warmup=warmup, device=x.device)
+        ratios = [p / q for p, q in zip(ta, tb)]
         out[f"{key}_time_ratio"] = statistics.median(ratios)
         out[f"{key}_ratios"] = ratios
     a.zero_grad(set_to_none=True), b.zero_grad(set_to_none=True)
@@ -425,12 +368,12 @@ def compiled_throughput(module: nn.Module, x: torch.Tensor, *, repeats: int = 7,
         ref = module(x)
         t = time.perf_counter()
         out = compiled(x)
-        _sync(x.device)
+        sync(x.device)
         compile_fwd = time.perf_counter() - t
     module.train()
     t = time.perf_counter()
     compiled(x).square().mean().backward()
-    _sync(x.device)
+    sync(x.device)
     compile_train = time.perf_counter() - t
     module.zero_grad(set_to_none=True)
     paired = paired_ratio(compiled, module, x, rounds=max(repeats, 5), warmup=warmup)   # alternated, one run
@@ -494,11 +437,6 @@ def _settings(**kw) -> dict:
     return kw
 
 
-def _save_json(obj, path: Path) -> Path:
-    """Atomic: a reader sees the old file or the new one (kit.complexity.save_text)."""
-    return _save_text(json.dumps(obj, indent=1, default=float), path)
-
-
 def load_results(out_dir: str | Path = OUT_DIR) -> list[dict]:
     """Every entry's result in ``out_dir`` (``<entry>.json``), in the registry's order."""
     out_dir = Path(out_dir)
@@ -556,7 +494,7 @@ def run(pattern: str = "*", *, out_dir: str | Path = OUT_DIR, device: str = "cpu
             log(f"  {name:24s} FAILED {failed[name]}")
             continue
         res["settings"] = settings
-        _save_json(res, path)
+        atomic_write_json(path, res, default=float)
         tp = res["throughput"]
         log(f"  {name:24s} {time.perf_counter() - t:5.1f} s  err90 {_fmt_err(res['equivariance']['error_90'])}  "
             f"fwd {tp['fwd_img_s']:8.1f} img/s  fwd+bwd {tp['train_img_s']:8.1f} img/s"
@@ -566,18 +504,13 @@ def run(pattern: str = "*", *, out_dir: str | Path = OUT_DIR, device: str = "cpu
     files = []
     if results and figures:
         comp = compiled_markdown(results)
-        files.append(_save_text(table_markdown(results) + "\n\n" + comparison_markdown(results)
-                                + ("\n\n" + comp if comp else ""), out_dir / "table.md"))
+        files.append(atomic_write_text(out_dir / "table.md", table_markdown(results) + "\n\n"
+                                       + comparison_markdown(results) + ("\n\n" + comp if comp else "")))
         files.append(_save_fig(error_figure(results), out_dir / "error_vs_angle.png"))
         files.append(_save_fig(speed_figure(results), out_dir / "throughput.png"))
     log(f"done in {time.perf_counter() - t_all:.0f} s; {len(results)} results, {len(skipped)} skipped, "
         f"{len(failed)} failed")
     return {"results": results, "skipped": skipped, "failed": failed, "files": files}
-
-
-def _save_text(text: str, path: Path) -> Path:
-    from .complexity import save_text
-    return Path(save_text(text, path))
 
 
 def _save_fig(fig, path: Path) -> Path:

@@ -18,53 +18,14 @@ a depthwise convolution is slow); measure speed-ups on a GPU where one is availa
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import threading
-import time
 
 import torch
 
 from .layers.separable import SE2, VARIANTS, LieGrid, LieGroupConv, Sim2
+from .timing import RSSPeak, peak_memory, timed
 
 __all__ = ["measure", "layer_macs", "benchmark", "with_ratios", "table", "main"]
-
-
-class _RSSPeak:
-    """Peak resident set size above the starting level, sampled by a background thread."""
-
-    def __init__(self, interval: float = 0.001):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
-
-    @staticmethod
-    def _rss() -> int:
-        try:
-            import psutil
-            return psutil.Process(os.getpid()).memory_info().rss
-        except ImportError:                                             # pragma: no cover
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss() - self.base)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.base = self._rss()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._rss() - self.base)
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def measure(module: torch.nn.Module, x: torch.Tensor, *, repeats: int = 3, warmup: int = 1,
@@ -79,15 +40,7 @@ def measure(module: torch.nn.Module, x: torch.Tensor, *, repeats: int = 3, warmu
         module.zero_grad(set_to_none=True)
         module(x).square().mean().backward()
 
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t)
+    times = timed(step, repeats=repeats, warmup=warmup, device=device)
     saved = [0]
 
     def pack(t):
@@ -102,14 +55,10 @@ def measure(module: torch.nn.Module, x: torch.Tensor, *, repeats: int = 3, warmu
     if not peak:
         peak = None
     elif device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step()
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated(device) - base
+        peak = peak_memory(step, device=device)
     else:
         module.zero_grad(set_to_none=True)
-        with _RSSPeak() as p:
+        with RSSPeak() as p:
             step()
         peak = p.peak
     return {"time_s": statistics.median(times), "saved_bytes": saved[0], "peak_bytes": peak}
@@ -132,7 +81,7 @@ def _peak_child(args, threads):
     torch.set_num_threads(threads)
     _, m, x = _build(*args)
     m.train()
-    with _RSSPeak() as p:
+    with RSSPeak() as p:
         m(x).square().mean().backward()
     return p.peak
 

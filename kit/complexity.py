@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 from dataclasses import asdict, dataclass
 
 import matplotlib.pyplot as plt
@@ -45,6 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from . import models
 from .groups import Group, cyclic, dihedral
 from .layers.base import EquivariantModule
+from ._io import atomic_write_text
+from .timing import alternated, memory_profile, peak_memory, stats, timed
 from .layers.e4 import E4Conv, dynamic_aggregate, dynamic_aggregate_unfold
 from .layers.gconv import GroupConv
 
@@ -302,48 +303,25 @@ def load_average() -> str:
         return f"load unknown, {os.cpu_count()} CPUs"
 
 
+def _fwd_bwd(module: nn.Module, x: torch.Tensor):
+    """``module(x).sum().backward()`` in train mode, gradients cleared first."""
+    module.train()
+    x = x.detach().requires_grad_(True)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x).sum().backward()
+    return step
+
+
 def time_forward_backward(module: nn.Module, x: torch.Tensor, *, repeats: int = 10, warmup: int = 2) -> dict:
     """Wall time of ``module(x)`` forward + backward (of ``y.sum()``), in train mode.
 
     Returns ``{"median", "q25", "q75", "times"}`` in seconds over ``repeats`` runs after ``warmup``
-    runs. Runs on the current ``torch.get_num_threads()``.
+    runs (:func:`kit.timing.timed`). Runs on the current ``torch.get_num_threads()``.
     """
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
-    module.train()
-    x = x.detach().requires_grad_(True)
-    times = []
-    for i in range(warmup + repeats):
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        t = time.perf_counter()
-        module(x).sum().backward()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
-    return {"median": statistics.median(times), "q25": q[0], "q75": q[2], "times": times}
-
-
-def peak_memory(fn) -> int:
-    """Peak bytes of CPU memory allocated by torch while ``fn()`` runs; see :func:`memory_profile`."""
-    return memory_profile(fn)[0]
-
-
-def memory_profile(fn) -> tuple[int, int]:
-    """``(peak, retained)``: the most bytes of CPU memory torch held while ``fn()`` ran, and what
-    it still holds when ``fn`` returns (e.g. tensors saved for the backward), both above what was
-    live before: the running sum, in time order, of every profiler event's own allocations and frees."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # allocations (+) and frees (-), each counted once (self), in time order: a leaf op allocates when
-    # it starts; what an enclosing op's own record holds (frees of its temporaries) happens when it ends
-    live = peak = 0
-    for e in sorted(prof.events(), key=lambda e: e.time_range.end if e.cpu_children else e.time_range.start):
-        live += e.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak, live
+    return stats(timed(_fwd_bwd(module, x), repeats=repeats, warmup=warmup, device=x.device))
 
 
 @dataclass(frozen=True)
@@ -378,21 +356,7 @@ def speed_cases(*, batch: int | None = None, cases=SPEED_CASES) -> tuple[SpeedCa
 
 def save_text(text: str, path) -> "os.PathLike":
     """Write ``text`` (e.g. a markdown table) to ``path`` atomically; returns the path."""
-    import tempfile
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text.rstrip("\n") + "\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write_text(path, text)
 
 
 def _layers(case: SpeedCase, seed: int = 0):
@@ -423,12 +387,7 @@ def speed_comparison(cases=SPEED_CASES, *, repeats: int = 10, warmup: int = 2,
             e4, gc, x = _layers(case)
             shape = tuple(x.shape[1:])
             ce, cg = count_macs(e4, shape), count_macs(gc, shape)
-            te, tg = [], []
-            time_forward_backward(e4, x, repeats=1, warmup=warmup)
-            time_forward_backward(gc, x, repeats=1, warmup=warmup)
-            for _ in range(repeats):
-                te += time_forward_backward(e4, x, repeats=1, warmup=0)["times"]
-                tg += time_forward_backward(gc, x, repeats=1, warmup=0)["times"]
+            te, tg = alternated(_fwd_bwd(e4, x), _fwd_bwd(gc, x), rounds=repeats, warmup=warmup)
             me, mg = statistics.median(te), statistics.median(tg)
             rows.append({"case": case.label, "group": case.group, "fields": case.fields,
                          "input": f"{case.batch}x{case.fields}x{case.group_obj().order}x{case.size}x{case.size}",
@@ -481,13 +440,7 @@ def aggregation_comparison(case: SpeedCase = SPEED_CASES[0], *, repeats: int = 1
             y = f(vv, kk)
             y.backward(torch.ones_like(y))
             return y, vv.grad, kk.grad
-        for _ in range(warmup):
-            run()
-        ts = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            run()
-            ts.append(time.perf_counter() - t)
+        ts = timed(run, repeats=repeats, warmup=warmup)
         with torch.no_grad():
             out[f"{name}_peak_nograd_bytes"] = peak_memory(lambda f=f: f(v, kern))
         vv, kk = v.clone().requires_grad_(True), kern.clone().requires_grad_(True)
@@ -597,17 +550,8 @@ def training_step_ratio(a: str, b: str, *, batch: int = 64, rounds: int = 8, thr
     try:
         torch.manual_seed(0)
         sa, sb = _train_step(create(a), batch), _train_step(create(b), batch)
-        for _ in range(2):
-            sa(), sb()
-        ratios, ta, tb = [], [], []
-        for i in range(rounds):
-            t = {}
-            for key, fn in ((("a", sa), ("b", sb)) if i % 2 == 0 else (("b", sb), ("a", sa))):
-                t0 = time.perf_counter()
-                fn()
-                t[key] = time.perf_counter() - t0
-            ratios.append(t["b"] / t["a"])
-            ta.append(t["a"]), tb.append(t["b"])
+        ta, tb = alternated(sa, sb, rounds=rounds, warmup=2)
+        ratios = [q / p for p, q in zip(ta, tb)]
     finally:
         torch.set_num_threads(old)
     return {"a": a, "b": b, "batch": batch, "threads": torch.get_num_threads() if threads is None else threads,

@@ -35,7 +35,6 @@ import hashlib
 import math
 import os
 import shutil
-import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -44,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ._io import atomic_write
 
 __all__ = [
     "MNIST_FILES", "MNIST_SPLITS", "mnist_root", "md5sum", "verify_file", "read_idx",
@@ -390,39 +391,23 @@ def download(url: str, dest: str | os.PathLike, sha1: str | None = None, *, md5:
     temporary file is deleted, nothing is left at ``dest``, and ``ValueError`` (checksum) or the
     original error is raised. ``fetch(url, fh)`` replaces the network call (tests).
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            (fetch or _fetch)(url, fh)
-        kind, expected = ("sha1", sha1) if sha1 else ("md5", md5)
-        if not expected:
-            raise ValueError("download() needs a sha1 or md5 checksum")
+    kind, expected = ("sha1", sha1) if sha1 else ("md5", md5)
+    if not expected:
+        raise ValueError("download() needs a sha1 or md5 checksum")
+
+    def verify(tmp: Path):
         actual = sha1sum(tmp) if kind == "sha1" else md5sum(tmp)
         if actual.lower() != expected.lower():
-            raise ValueError(f"checksum mismatch for {dest.name} downloaded from {url}: expected {kind} "
+            raise ValueError(f"checksum mismatch for {Path(dest).name} downloaded from {url}: expected {kind} "
                              f"{expected.lower()}, got {actual} ({os.path.getsize(tmp)} bytes; corrupt or "
                              f"truncated download). Nothing was kept; try again.")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    dest = atomic_write(dest, lambda fh: (fetch or _fetch)(url, fh), verify=verify)
     return dest
 
 
 def _atomic_savez(path: Path, **arrays) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Compressed ``.npz``, atomically (:func:`kit._io.atomic_write`)."""
+    return atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays))
 
 
 def _offline() -> bool:

@@ -45,6 +45,9 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._io import atomic_write_json, atomic_write_text
+from .train import CHECKPOINT_FILE, ERROR_FILE, PARAMS_FILE, RUN_FILE, SUMMARY_FILE
+
 __all__ = ["REPO", "Run", "Sweep", "load_spec", "notebook_parameters", "run_sweep", "execute_run", "report",
            "RESERVED", "EXECUTORS"]
 
@@ -208,19 +211,18 @@ def load_spec(spec, runs_dir=None) -> Sweep:
 # =============================================================================================
 
 def _write_json(path: Path, obj) -> None:
-    from .train import _atomic_write
-    _atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1, default=str).encode()))
+    atomic_write_json(path, obj, default=str)
 
 
 def run_status(run_dir) -> str:
     """'finished' (summary.json written), 'failed' (error.txt), 'interrupted' (a checkpoint but no
     summary), 'pending'."""
     d = Path(run_dir)
-    if (d / "summary.json").is_file():
+    if (d / SUMMARY_FILE).is_file():
         return "finished"
-    if (d / "error.txt").is_file():
+    if (d / ERROR_FILE).is_file():
         return "failed"
-    if (d / "checkpoint.pt").is_file():
+    if (d / CHECKPOINT_FILE).is_file():
         return "interrupted"
     return "pending"
 
@@ -236,12 +238,12 @@ def execute_run(run: Run, threads: int | None = None, timeout: int = 24 * 3600) 
     if run_status(d) == "finished":
         return dict(run=run.name, status="skipped", seconds=0.0, error=None)
     resumed = run_status(d) == "interrupted"
-    (d / "error.txt").unlink(missing_ok=True)
+    (d / ERROR_FILE).unlink(missing_ok=True)
     params = dict(run.params)
     if threads and "THREADS" in notebook_parameters(run.notebook) and "THREADS" not in params:
         params["THREADS"] = int(threads)
     params.update(OUT_DIR=str(d.resolve()), FIGURES_DIR=str(d.resolve()), RESUME=True)
-    _write_json(d / "params.json", params)
+    _write_json(d / PARAMS_FILE, params)
     try:
         pm.execute_notebook(str(run.notebook), str(d / run.notebook.name), parameters=params,
                             cwd=str(run.notebook.parent), progress_bar=False, log_output=False,
@@ -255,7 +257,7 @@ def execute_run(run: Run, threads: int | None = None, timeout: int = 24 * 3600) 
             err = f"{e.ename}: {e.evalue} (in {d / run.notebook.name}, cell {getattr(e, 'exec_count', '?')})"
         else:
             err = f"{type(e).__name__}: {e}".strip()
-        (d / "error.txt").write_text(err + "\n\n" + traceback.format_exc())
+        (d / ERROR_FILE).write_text(err + "\n\n" + traceback.format_exc())
     return dict(run=run.name, status=status, seconds=round(time.time() - t, 1), error=err,
                 resumed=resumed)
 
@@ -405,29 +407,29 @@ def collect(sweep_dir) -> list[dict]:
     from .train import read_metrics
     rows = []
     for d in sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and not p.name.startswith(".")):
-        params = json.loads((d / "params.json").read_text()) if (d / "params.json").is_file() else {}
+        params = json.loads((d / PARAMS_FILE).read_text()) if (d / PARAMS_FILE).is_file() else {}
         status = run_status(d)
         if status == "pending" and not params:
             continue
         if status == "finished":
-            row = json.loads((d / "summary.json").read_text())
+            row = json.loads((d / SUMMARY_FILE).read_text())
         else:
             hist = read_metrics(d)
             row = dict(model=params.get("MODEL"), dataset=params.get("DATASET"), preset=params.get("PRESET"),
                        epochs=params.get("EPOCHS"))
-            if (d / "run.json").is_file():           # written by kit.train at the start of a run
-                row.update(json.loads((d / "run.json").read_text()))
+            if (d / RUN_FILE).is_file():           # written by kit.train at the start of a run
+                row.update(json.loads((d / RUN_FILE).read_text()))
             row.update(epochs_done=len(hist), final_test_acc=None, test_acc_at_best_val=None,
                        best_test_acc_over_epochs=None,
                        train_time_s=round(sum(h["time_s"] for h in hist), 1) if hist else None,
                        train_cpu_s=round(sum(h.get("cpu_s", 0) for h in hist), 1) if hist else None)
             if status == "failed":
-                row["error"] = (d / "error.txt").read_text().splitlines()[0][:300]
-        if "recipe_overrides" not in row and (d / "checkpoint.pt").is_file():   # runs of older versions
+                row["error"] = (d / ERROR_FILE).read_text().splitlines()[0][:300]
+        if "recipe_overrides" not in row and (d / CHECKPOINT_FILE).is_file():   # runs of older versions
             try:
                 import torch
                 from .train import load_checkpoint, recipe_overrides
-                ck = load_checkpoint(d / "checkpoint.pt")
+                ck = load_checkpoint(d / CHECKPOINT_FILE)
                 row["recipe_overrides"] = recipe_overrides(ck["config"]["recipe"])
             except Exception:  # noqa: BLE001 -- a report never fails on one unreadable checkpoint
                 pass
@@ -476,7 +478,7 @@ def report(sweep, *, runs_dir=None, out_dir=None, figure_path=None, log=print) -
     w.writerow(keys)
     for r in rows:
         w.writerow(["" if r.get(k) is None else r.get(k) for k in keys])
-    (out / "report.csv").write_text(buf.getvalue())
+    atomic_write_text(out / "report.csv", buf.getvalue())
 
     # Markdown
     lines = [f"# Sweep `{sdir.name}`", ""]
@@ -511,7 +513,7 @@ def report(sweep, *, runs_dir=None, out_dir=None, figure_path=None, log=print) -
     if failed:
         lines += ["", "Failed runs:"] + [f"* `{r['run']}`: {r.get('error', '')}" for r in failed]
     lines += ["", "![report](report.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    atomic_write_text(out / "report.md", "\n".join(lines))
 
     # Figure: accuracy curves and final accuracies with the paper marks
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.4 * len(rows) + 3.2))

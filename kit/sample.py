@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ._io import atomic_write
 
 __all__ = ["SAMPLE_FILE", "SAMPLE_SIZE", "SAMPLE_SEED", "SAMPLE_SPLIT", "SAMPLE_MODE",
            "sample_path", "load_sample", "digit", "build_sample"]
@@ -98,15 +99,7 @@ def build_sample(out: str | os.PathLike | None = None, root: str | os.PathLike |
     out = Path(out) if out is not None else _DEFAULT_OUT
     out.parent.mkdir(parents=True, exist_ok=True)
     arrays = _sample_arrays(root)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out, lambda fh: np.savez_compressed(fh, **arrays))
     _load_arrays.cache_clear()
     return out
 

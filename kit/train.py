@@ -39,7 +39,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,9 +50,20 @@ import torch.nn.functional as F
 
 from . import data as kdata
 from . import models
+from ._io import atomic_write, atomic_write_json
 
-__all__ = ["Recipe", "PRESETS", "get_recipe", "lr_at", "build_model", "augment", "evaluate", "train",
+__all__ = ["RUN_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "SUMMARY_FILE", "PARAMS_FILE", "ERROR_FILE", "RUN_FILES",
+           "Recipe", "PRESETS", "get_recipe", "lr_at", "build_model", "augment", "evaluate", "train",
            "NonFiniteLossError", "read_metrics", "load_checkpoint", "BEST_TEST_LABEL", "curves_figure", "summary_table"]
+
+# The files of a run folder: kit.train writes the first four, the sweep runner (kit.runs) the last two.
+RUN_FILE = "run.json"               # what is trained, on what (at the start)
+METRICS_FILE = "metrics.jsonl"      # one JSON line per epoch
+CHECKPOINT_FILE = "checkpoint.pt"   # model, optimiser, RNG states (after every epoch)
+SUMMARY_FILE = "summary.json"       # the final figures (at the end)
+PARAMS_FILE = "params.json"         # the sweep's parameters of the run
+ERROR_FILE = "error.txt"            # why a sweep run failed
+RUN_FILES = (RUN_FILE, METRICS_FILE, CHECKPOINT_FILE, SUMMARY_FILE, PARAMS_FILE, ERROR_FILE)
 
 BEST_TEST_LABEL = "best test accuracy over epochs (as the papers report: test-set model selection)"
 
@@ -340,21 +350,6 @@ def evaluate(model: nn.Module, split, *, batch_size: int = 500, device="cpu") ->
 # Checkpoints and metrics files
 # =============================================================================================
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _eqkit_commit() -> str | None:
     """The git commit of the kit's source tree (``+uncommitted`` if kit/ has local changes), or None."""
     import subprocess
@@ -428,7 +423,7 @@ def load_checkpoint(path) -> dict:
 
 def read_metrics(out_dir) -> list[dict]:
     """The per-epoch records of ``out_dir/metrics.jsonl`` (empty list if none)."""
-    p = Path(out_dir) / "metrics.jsonl"
+    p = Path(out_dir) / METRICS_FILE
     if not p.is_file():
         return []
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
@@ -564,13 +559,13 @@ def train(model="p4-mnist", dataset="mnist-rot-rebuilt", *, preset: str | Recipe
                 input_std=None if bundle.train.std is None else bundle.train.std.flatten().tolist())
 
     out = Path(out_dir) if out_dir is not None else None
-    ckpt_path = out / "checkpoint.pt" if out else None
+    ckpt_path = out / CHECKPOINT_FILE if out else None
     history: list[dict] = []
     start = 0
     best_val_state = None           # (epoch, val acc, state dict): tested at the end if never tested
     if out and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out / "run.json", lambda fh: fh.write(json.dumps(base, indent=1).encode()))
+        atomic_write_json(out / RUN_FILE, base)
     if out and resume and ckpt_path.is_file():
         ck = load_checkpoint(ckpt_path)
         ck["config"].get("recipe", {}).pop("source", None)      # documentation, not a setting
@@ -585,14 +580,14 @@ def train(model="p4-mnist", dataset="mnist-rot-rebuilt", *, preset: str | Recipe
         best_val_state = ck.get("best_val")
         _set_rng_state(ck["rng"][rank])
         if rank == 0:   # metrics.jsonl = exactly the checkpoint's history (drops a line written after it)
-            _atomic_write(out / "metrics.jsonl",
+            atomic_write(out / METRICS_FILE,
                           lambda fh: fh.write("".join(json.dumps(h) + "\n" for h in history).encode()))
-        if start >= recipe.epochs and (out / "summary.json").is_file():
-            return json.loads((out / "summary.json").read_text())
+        if start >= recipe.epochs and (out / SUMMARY_FILE).is_file():
+            return json.loads((out / SUMMARY_FILE).read_text())
         if start < recipe.epochs:       # (a finished run without summary goes on to write it)
             log(f"resuming {out} after epoch {start}/{recipe.epochs}")
     elif out and rank == 0 and not resume:
-        for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
+        for name in (METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE):
             (out / name).unlink(missing_ok=True)
 
     # --- epochs ----------------------------------------------------------------------------------
@@ -670,8 +665,8 @@ def train(model="p4-mnist", dataset="mnist-rot-rebuilt", *, preset: str | Recipe
         if out and rank == 0:
             state = dict(model=net.state_dict(), optimizer=opt.state_dict(), epoch=epoch + 1, history=history,
                          rng=rngs, config=_jsonable(config), best_val=best_val_state)
-            _atomic_write(ckpt_path, lambda fh: torch.save(state, fh))
-            with open(out / "metrics.jsonl", "a") as fh:
+            atomic_write(ckpt_path, lambda fh: torch.save(state, fh))
+            with open(out / METRICS_FILE, "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
         msg = " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
         if rank == 0:
@@ -690,7 +685,7 @@ def train(model="p4-mnist", dataset="mnist-rot-rebuilt", *, preset: str | Recipe
         net.load_state_dict(last)
     summary["wall_time_s"] = round(time.time() - t_start, 1)
     if out and rank == 0 and summary["finished"]:
-        _atomic_write(out / "summary.json", lambda fh: fh.write(json.dumps(summary, indent=1).encode()))
+        atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
 
 

@@ -6,13 +6,12 @@ ones are plotly. :func:`save` writes a matplotlib figure atomically.
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import torch
 
+from ._io import atomic_savefig
 from .equivariance import Record
 from .groups import act_on_image
 
@@ -23,19 +22,8 @@ _COLORS = {"cnn-mnist": "#d62728", "p4-mnist": "#1f77b4", "p4m-mnist": "#2ca02c"
 
 
 def save(fig, path: str | Path, *, dpi: int = 120) -> Path:
-    """Save a matplotlib figure as PNG atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    """Save a matplotlib figure as PNG atomically (:func:`kit._io.atomic_savefig`)."""
+    return atomic_savefig(fig, path, dpi=dpi, format="png")
 
 
 def _img(ax, a, title=None, cmap="magma", sym=False):

@@ -33,6 +33,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ._io import atomic_write, atomic_write_json, atomic_write_text
+from .train import CHECKPOINT_FILE, PARAMS_FILE, SUMMARY_FILE
+from .data import _atomic_savez as _savez
 from .layers.base import EquivariantModule
 
 __all__ = ["WEIGHTS_DIR", "HELDOUT_SIZE", "Standardized", "list_pretrained", "manifest", "weights_path",
@@ -196,7 +199,7 @@ def build_heldout(root=None, out=HELDOUT_FILE) -> Path:
     from . import data as kdata
     d = kdata.mnist_rot_rebuilt("test", HELDOUT_SIZE, root=root)
     imgs = np.clip(np.rint(np.asarray(d["images"]) * 255.0), 0, 255).astype(np.uint8)
-    return kdata._atomic_savez(Path(out), images=imgs, labels=np.asarray(d["labels"], np.uint8),
+    return _savez(Path(out), images=imgs, labels=np.asarray(d["labels"], np.uint8),
                                angles=np.asarray(d["angles_deg"], np.float32),
                                source_index=np.asarray(d["source_index"], np.int32))
 
@@ -257,14 +260,14 @@ def export_run(run_dir, *, out_dir=None, log=print) -> dict:
     just written, loaded back through :func:`load_pretrained`."""
     from . import models
     from .complexity import count_macs
-    from .train import _atomic_write, load_checkpoint
+    from .train import load_checkpoint
 
     d = Path(run_dir)
-    if not (d / "summary.json").is_file():
+    if not (d / SUMMARY_FILE).is_file():
         raise ValueError(f"{d} is not a finished run (no summary.json)")
-    summ = json.loads((d / "summary.json").read_text())
-    params = json.loads((d / "params.json").read_text()) if (d / "params.json").is_file() else {}
-    ck = load_checkpoint(d / "checkpoint.pt")
+    summ = json.loads((d / SUMMARY_FILE).read_text())
+    params = json.loads((d / PARAMS_FILE).read_text()) if (d / PARAMS_FILE).is_file() else {}
+    ck = load_checkpoint(d / CHECKPOINT_FILE)
     name = summ["model"]
     card = models.model_card(name)
     overrides = params.get("MODEL_OVERRIDES") or {}
@@ -274,7 +277,7 @@ def export_run(run_dir, *, out_dir=None, log=print) -> dict:
     out = Path(out_dir or WEIGHTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     pt = weights_path(name, out)
-    _atomic_write(pt, lambda fh: torch.save(state, fh))
+    atomic_write(pt, lambda fh: torch.save(state, fh))
     size = pt.stat().st_size
     recipe = ck["config"]["recipe"]
     man = dict(
@@ -304,11 +307,11 @@ def export_run(run_dir, *, out_dir=None, log=print) -> dict:
         history=ck["history"], summary=summ,
     )
     mp = _manifest_path(name, out)
-    _atomic_write(mp, lambda fh: fh.write((json.dumps(man, indent=1) + "\n").encode()))
+    atomic_write_json(mp, man)
     model = load_pretrained(name, models.create(name, **overrides), root=out)
     man["heldout"] = dict(file=f"kit/assets/{HELDOUT_FILE.name}", n=HELDOUT_SIZE, accuracy=heldout_accuracy(model),
                           note="first 2,000 digits of the rebuilt test split (uint8), recomputed by the tests")
-    _atomic_write(mp, lambda fh: fh.write((json.dumps(man, indent=1) + "\n").encode()))
+    atomic_write_json(mp, man)
     log(f"  {name}: {size / 1e6:.2f} MB, test {man['final_test_acc']:.2f} % (final), "
         f"{man['test_acc_at_best_val']:.2f} % (best val, epoch {man['best_val_epoch']}), "
         f"held-out {man['heldout']['accuracy']:.2f} % -> {pt}")
@@ -332,7 +335,7 @@ def export_sweep(sweep_dir=None, *, only: str = "*", out_dir=None, log=print) ->
     sd = Path(sweep_dir or REPO / "runs" / "zoo")
     if not sd.is_dir():
         raise FileNotFoundError(f"no zoo runs in {sd}; train them first: python -m kit sweep sweeps/zoo.yaml")
-    done = [p for p in sorted(sd.iterdir()) if (p / "summary.json").is_file() and fnmatch.fnmatch(p.name, only)]
+    done = [p for p in sorted(sd.iterdir()) if (p / SUMMARY_FILE).is_file() and fnmatch.fnmatch(p.name, only)]
     if not done:
         raise ValueError(f"no finished run in {sd} (matching {only!r}); see python -m kit sweep sweeps/zoo.yaml --dry-run")
     return [export_run(p, out_dir=out_dir, log=log) for p in done]
@@ -391,20 +394,19 @@ def zoo_markdown(rows=None, *, short: bool = False) -> str:
 
 def write_report(path=None, *, log=print) -> Path:
     """Write the full zoo table (``figures/zoo.md``) from the committed manifests."""
-    from .complexity import save_text
     from .runs import REPO
     path = Path(path or REPO / "figures" / "zoo.md")
     text = ("# The trained zoo\n\nEvery model of `kit.models.list_models(pretrained=True)`, trained by the kit's own "
             "sweep (`sweeps/zoo.yaml`, `make zoo`); each row is read from its manifest `kit/weights/<model>.json`.\n\n"
             + zoo_markdown() + "\n")
-    save_text(text, path)
+    atomic_write_text(path, text)
     readme = REPO / "README.md"
     if readme.is_file() and "<!-- zoo-table -->" in readme.read_text():     # the README's short table
         r = readme.read_text()
         head, rest = r.split("<!-- zoo-table -->", 1)
         tail = rest.split("<!-- /zoo-table -->", 1)[1]
-        save_text(head + "<!-- zoo-table -->\n" + zoo_markdown(short=True).split("\n\n")[0]
-                  + "\n<!-- /zoo-table -->" + tail, readme)
+        atomic_write_text(readme, head + "<!-- zoo-table -->\n" + zoo_markdown(short=True).split("\n\n")[0]
+                          + "\n<!-- /zoo-table -->" + tail)
     log(f"zoo table: {len(list_pretrained())} model(s) -> {path}")
     return path
 

@@ -9,7 +9,6 @@
   default per-field affine differs by the GroupNorm parameters only (explained in the tests);
 * the steered-generator cache never goes stale (tests/test_families.py, over the family registry).
 """
-import copy
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Regular group convolutions: exact equivariance on C4 / D4, approximate on C8, kernel caching
 that never goes stale (the contract over the family registry, tests/test_families.py), pooling and batch norm that keep the contract."""
-import copy
 
 import pytest
 import torch

@@ -1,7 +1,6 @@
 """PDO-eConvs: the analytic rotation of PDOs, exact equivariance at the C4 / D4 elements for every
 discretisation in the SAME direction, agreement of the three discretisations with the continuum
 operator, the O(h^2) equivariance error at 45 degrees, caching and parameter counts."""
-import copy
 import math
 
 import numpy as np

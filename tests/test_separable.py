@@ -1,7 +1,6 @@
 """Separable G-CNNs on SE(2) / Sim(2): exact equivariance at 90 degrees for every layer variant and
 model, deterministic evaluation, a cache that never goes stale (tests/test_families.py), the reference's parameter counts,
 and an instrument that does catch the public code's Sim(2) bugs."""
-import copy
 
 import pytest
 import torch

@@ -73,13 +73,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._io import atomic_write
 from ..fields import FieldType
 from ..groups import Group, Representation, cyclic, regular_rep
 from .base import EquivariantModule, KernelCache
@@ -360,17 +360,9 @@ def _disk_load(path: Path, shape_tail):
 
 def _disk_save(path: Path, B: torch.Tensor) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(B, fh)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)                        # atomic: readers see the old file or the new one
-    except OSError:                                  # read-only checkout: the cache is optional
-        try:
-            os.unlink(tmp)
-        except (OSError, UnboundLocalError):
-            pass
+        atomic_write(path, lambda fh: torch.save(B, fh))   # readers see the old file or the new one
+    except OSError:                                        # read-only checkout: the cache is optional
+        pass
 
 
 def _cached(key: str, build, shape_tail, disk: bool | None):
