@@ -506,7 +506,7 @@ def filter_explorer(lab: Lab):
     """Sliders for the pixel (row, column), the slice and the rotation of the input (quarter turns);
     redraws :func:`filter_rotation_figure` on release."""
     import ipywidgets as W
-    from IPython.display import display
+    from .widgets import explorer
 
     H, Wd = lab.x.shape[-2:]
     r0, c0 = lab.pixel
@@ -515,16 +515,9 @@ def filter_explorer(lab: Lab):
     sl = W.IntSlider(value=0, min=0, max=lab.layer.slices - 1, description="slice", continuous_update=False)
     rot = W.IntSlider(value=1, min=0, max=3, description="rotation ×90°", continuous_update=False,
                       style={"description_width": "initial"})   # the default width truncates the label
-    out = W.Output()
 
-    def draw(*_):
-        with out:
-            out.clear_output(wait=True)
-            fig = filter_rotation_figure(lab, row.value, col.value, quarter_turns=rot.value, slice=sl.value)
-            display(fig)
-            plt.close(fig)
+    def render():
+        args = (row.value, col.value, sl.value, rot.value)
+        return filter_rotation_figure(lab, args[0], args[1], quarter_turns=args[3], slice=args[2]), args
 
-    for w in (row, col, sl, rot):
-        w.observe(draw, names="value")
-    draw()
-    return W.VBox([W.HBox([row, col]), W.HBox([sl, rot]), out])
+    return explorer([[row, col], [sl, rot]], render)

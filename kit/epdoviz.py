@@ -314,7 +314,7 @@ def coefficient_explorer(lab: Lab, row: int | None = None, col: int | None = Non
     component; redraws :func:`coefficients_figure` on release. Returns an ``ipywidgets.VBox`` with
     ``state = {draws, figure, args}`` (read by tests)."""
     import ipywidgets as W
-    from IPython.display import display
+    from .widgets import explorer
 
     H, Wd = lab.x.shape[-2:]
     r0, c0 = lab.pixel if row is None else (row, col)
@@ -325,23 +325,12 @@ def coefficient_explorer(lab: Lab, row: int | None = None, col: int | None = Non
     cl = W.IntSlider(value=c0, min=0, max=Wd - 1, description="column", **kw)
     sl = W.IntSlider(value=slot, min=0, max=c.shape[0] - 1, description="field", **kw)
     cp = W.IntSlider(value=component, min=0, max=c.shape[1] - 1, description="component", **kw)
-    out = W.Output()
-    box = W.VBox([W.HBox([rw, cl]), W.HBox([sl, cp]), out])
-    box.state = {"draws": 0, "figure": None, "args": None}
 
-    def draw(*_):
+    def render():
         args = (rw.value, cl.value, sl.value, cp.value)
-        fig = coefficients_figure(lab, args[0], args[1], slot=args[2], component=args[3])
-        box.state.update(draws=box.state["draws"] + 1, figure=fig, args=args)
-        with out:
-            out.clear_output(wait=True)
-            display(fig)
-        plt.close(fig)
+        return coefficients_figure(lab, args[0], args[1], slot=args[2], component=args[3]), args
 
-    for w in (rw, cl, sl, cp):
-        w.observe(draw, names="value")
-    draw()
-    return box
+    return explorer([[rw, cl], [sl, cp]], render)
 
 
 def rotation_errors(lab: Lab, row: int, col: int) -> dict:

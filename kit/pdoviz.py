@@ -495,7 +495,7 @@ def stencil_gallery(operator: str = "dxy", method: str = "fd", size: int = 5, si
     and the moment correction are active for ``gauss`` only). Redraws :func:`stencil_figure` on
     release. Returns an ``ipywidgets.VBox`` with ``state = {draws, figure, args}``."""
     import ipywidgets as W
-    from IPython.display import display
+    from .widgets import explorer
 
     if operator not in OPERATORS:
         raise ValueError(f"unknown operator {operator!r}; expected one of {OPERATORS}")
@@ -506,22 +506,11 @@ def stencil_gallery(operator: str = "dxy", method: str = "fd", size: int = 5, si
     sig = W.FloatSlider(value=sigma, min=0.3, max=2.0, step=0.05, description="σ (px)",
                         continuous_update=False, readout_format=".2f", layout=W.Layout(width="360px"))
     norm = W.Checkbox(value=normalize, description="moment-corrected")
-    out = W.Output()
-    box = W.VBox([W.HBox([op, sz]), meth, W.HBox([sig, norm]), out])
-    box.state = {"draws": 0, "figure": None, "args": None}
 
-    def draw(*_):
+    def render():
         gauss = meth.value == "gauss"
         sig.disabled = norm.disabled = not gauss
         args = (op.value, meth.value, sz.value, sig.value if gauss else None, norm.value if gauss else True)
-        fig = stencil_figure(args[0], method=args[1], size=args[2], sigma=args[3], normalize=args[4])
-        box.state.update(draws=box.state["draws"] + 1, figure=fig, args=args)
-        with out:
-            out.clear_output(wait=True)
-            display(fig)
-        plt.close(fig)
+        return stencil_figure(args[0], method=args[1], size=args[2], sigma=args[3], normalize=args[4]), args
 
-    for w in (op, meth, sz, sig, norm):
-        w.observe(draw, names="value")
-    draw()
-    return box
+    return explorer([[op, sz], meth, [sig, norm]], render)

@@ -374,7 +374,7 @@ def kernel_explorer(trained: list[LayerReport], initial: list[LayerReport] | Non
     """ipywidgets: pick a layer, an output and an input field, trained or initial weights; shows
     :func:`rank1_figure` (kernel over the group axis, rank-1 reconstruction, residual)."""
     import ipywidgets as W
-    from IPython.display import display
+    from .widgets import explorer
 
     layer = W.Dropdown(options=[(r.name, i) for i, r in enumerate(trained)], value=len(trained) - 1,
                        description="layer")
@@ -383,24 +383,13 @@ def kernel_explorer(trained: list[LayerReport], initial: list[LayerReport] | Non
     inp = W.IntSlider(value=0, min=0, max=trained[-1].shape[1] - 1, description="in field",
                       continuous_update=False)
     which = W.ToggleButtons(options=["trained"] + (["init"] if initial is not None else []), value="trained")
-    view = W.Output()
-    box = W.VBox([W.HBox([layer, which]), W.HBox([out, inp]), view])
-    box.state = {"draws": 0, "figure": None, "args": None}            # what is shown now (read by tests)
 
-    def draw(*_):
+    def render():
         r = (trained if which.value == "trained" else initial)[layer.value]
         out.max, inp.max = r.shape[0] - 1, r.shape[1] - 1
         fig = rank1_figure(r.kernel, out=out.value, inp=inp.value,
                            title=f"{which.value} {r.name}: kernel [out {out.value}, in {inp.value}] over the "
                                  f"group axis, its rank-1 reconstruction and the residual")
-        box.state.update(draws=box.state["draws"] + 1, figure=fig,
-                         args=(r.name, out.value, inp.value, which.value))
-        with view:
-            view.clear_output(wait=True)
-            display(fig)
-        plt.close(fig)
+        return fig, (r.name, out.value, inp.value, which.value)
 
-    for w in (layer, out, inp, which):
-        w.observe(draw, names="value")
-    draw()
-    return box
+    return explorer([[layer, which], [out, inp]], render)

@@ -295,30 +295,20 @@ def grid_explorer(layer: LieGroupConv, *, initial: LieGroupConv | None = None, r
     """Sliders for the number of sampled rotations (and scales): the same SIREN, re-sampled
     (``initial``: the untrained twin of ``layer``, re-sampled alongside)."""
     import ipywidgets as W
-    from IPython.display import display
+    from .widgets import explorer
 
     g = layer.grid
     rot = W.IntSlider(value=rotations or g.rotations, min=1, max=24, description="rotations",
                       continuous_update=False)
     sc = W.IntSlider(value=max(g.scales, 2), min=2, max=6, description="scales", continuous_update=False)
-    outw = W.Output()
-    box = W.VBox([W.HBox([rot] + ([sc] if g.is_sim2 else [])), outw])
-    box.state = {"draws": 0, "figure": None, "args": None}            # what is shown now (read by tests)
 
-    def draw(*_):
+    def render():
         grid = Sim2(rot.value, sc.value, g.s_max) if g.is_sim2 else SE2(rot.value)
         fig = kernel_function_figure(resample(layer, grid),
                                      initial=None if initial is None else resample(initial, grid))
-        box.state.update(draws=box.state["draws"] + 1, figure=fig, args=(rot.value, grid.scales))
-        with outw:
-            outw.clear_output(wait=True)
-            display(fig)
-        plt.close(fig)
+        return fig, (rot.value, grid.scales)
 
-    rot.observe(draw, names="value")
-    sc.observe(draw, names="value")
-    draw()
-    return box
+    return explorer([[rot] + ([sc] if g.is_sim2 else [])], render)
 
 
 # ------------------------------------------------------------------------- trained kernels (zoo)
