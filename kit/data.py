@@ -42,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ._io import atomic_write
+from .groups import rotate_batch
 
 __all__ = [
     "MNIST_FILES", "MNIST_SPLITS", "mnist_root", "md5sum", "verify_file", "read_idx",
@@ -267,28 +267,9 @@ def rotate_digits(images, angles_deg, mode: str = "bilinear") -> torch.Tensor:
     if mode not in ("bilinear", "bicubic", "nearest"):
         raise ValueError(f"unknown interpolation mode {mode!r}; use 'bilinear', 'bicubic' or 'nearest'")
     out = torch.empty(N, H, W, dtype=torch.float32)
-    if N == 0:
-        return out
-    # Output pixel p samples the input at R^-1 p (planar coordinates: x right, y up, origin at the
-    # image centre), written in grid_sample's normalised coordinates (u right, v down, in [-1, 1]
-    # across pixel centres): u' = c u - s (H-1)/(W-1) v,  v' = s (W-1)/(H-1) u + c v.
-    ax, ay = (H - 1) / (W - 1) if W > 1 else 0.0, (W - 1) / (H - 1) if H > 1 else 0.0
-    for start in range(0, N, _ROTATE_CHUNK):
+    for start in range(0, N, _ROTATE_CHUNK):                     # kit.groups.rotate_batch, in chunks
         sl = slice(start, min(start + _ROTATE_CHUNK, N))
-        t = torch.deg2rad(ang[sl])
-        c, s, z = torch.cos(t), torch.sin(t), torch.zeros_like(t)
-        theta = torch.stack([torch.stack([c, -s * ax, z], -1), torch.stack([s * ay, c, z], -1)], 1)
-        grid = F.affine_grid(theta, [len(t), 1, H, W], align_corners=True).float()  # float64 -> float32
-        out[sl] = F.grid_sample(x[sl, None], grid, mode=mode, padding_mode="zeros",
-                                align_corners=True)[:, 0]
-    # Exact quarter turns: no interpolation at all, identical to kit.groups.rotate_image.
-    q = ang / 90.0
-    exact = (q - q.round()).abs() < 1e-9                          # same rule as kit.groups
-    turns = q.round().remainder(4).long()
-    for k in (0, 1, 2, 3):
-        sel = exact & (turns == k)
-        if sel.any():
-            out[sel] = torch.rot90(x[sel], k, dims=(-2, -1)) if k else x[sel]
+        out[sl] = rotate_batch(x[sl], ang[sl], mode=mode)
     return out.clamp_(0.0, 1.0)
 
 

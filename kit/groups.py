@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "Element", "Group", "CyclicGroup", "DihedralGroup", "cyclic", "dihedral",
-    "rotate_image", "act_on_image", "rotation_matrix", "disk_mask",
+    "rotate_image", "act_on_image", "rotate_batch", "rotation_matrix", "disk_mask", "plane_coords", "kernel_offsets",
     "Representation", "trivial_rep", "regular_rep",
 ]
 
@@ -259,6 +259,24 @@ def rotate_image(x: torch.Tensor, degrees: float, *, mode: str = "bilinear") -> 
     return act_on_image(x, degrees, mirror=False, mode=mode)
 
 
+def plane_coords(H: int, W: int, *, spacing: float = 1.0, dtype=torch.float64,
+                 device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(X, Y)``, each ``(H, W)``: the planar coordinates of the pixel centres, **x right, y up**,
+    origin at the image centre, ``spacing`` apart (row 0 is the top row, so ``Y`` decreases down the
+    rows). The one derivation of the pixel <-> plane convention: every rotation of images, kernels,
+    stencils and analytic test functions in the kit builds on it."""
+    xs = (torch.arange(W, dtype=dtype, device=device) - (W - 1) / 2) * spacing
+    ys = ((H - 1) / 2 - torch.arange(H, dtype=dtype, device=device)) * spacing
+    return xs.expand(H, W), ys[:, None].expand(H, W)
+
+
+def kernel_offsets(size: int, *, dtype=torch.float64) -> torch.Tensor:
+    """``(size*size, 2)`` planar offsets ``(x, y)`` of a ``size x size`` kernel's taps in row-major
+    order (row 0 = top: ``y = size//2``; column 0 = left: ``x = -size//2``), from :func:`plane_coords`."""
+    X, Y = plane_coords(size, size, dtype=dtype)
+    return torch.stack([X.reshape(-1), Y.reshape(-1)], dim=-1)
+
+
 def act_on_image(x: torch.Tensor, degrees: float, *, mirror: bool = False,
                  mode: str = "bilinear") -> torch.Tensor:
     """Mirror (``x -> -x``, if asked) then rotate by ``degrees`` counter-clockwise."""
@@ -274,9 +292,7 @@ def act_on_image(x: torch.Tensor, degrees: float, *, mirror: bool = False,
     # Output pixel at point p samples the input at R^-1 p (points in pixel units, y up).
     t = math.radians(degrees)
     c, s = math.cos(t), math.sin(t)
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64),
-                            indexing="ij")
-    px, py = xs - (W - 1) / 2, (H - 1) / 2 - ys                    # planar coordinates
+    px, py = plane_coords(H, W)                                    # planar coordinates
     qx, qy = c * px + s * py, -s * px + c * py                      # R^-1 p
     col, row = qx + (W - 1) / 2, (H - 1) / 2 - qy
     grid = torch.stack([2 * col / (W - 1) - 1, 2 * row / (H - 1) - 1], dim=-1) if H > 1 and W > 1 \
@@ -288,12 +304,49 @@ def act_on_image(x: torch.Tensor, degrees: float, *, mirror: bool = False,
     return out.reshape(*lead, H, W).to(x.dtype)
 
 
+def rotate_batch(x: torch.Tensor, degrees, *, mode: str = "bilinear") -> torch.Tensor:
+    """Rotate image ``i`` of ``x (N, ..., H, W)`` by ``degrees[i]`` counter-clockwise (zeros outside):
+    the convention and sampling grid of :func:`act_on_image` (pixel centres on the plane of
+    :func:`plane_coords`, ``align_corners=True``), vectorised over the batch; exact quarter turns use
+    ``torch.rot90`` (no interpolation). The one batched image action: the rebuilt MNIST-rot
+    (:func:`kit.data.rotate_digits`) and the training augmentation (:func:`kit.train.augment`) use it.
+    ``mode``: 'bilinear', 'bicubic' or 'nearest'. Floating inputs only; the dtype is kept."""
+    if mode not in ("bilinear", "bicubic", "nearest"):
+        raise ValueError(f"unknown interpolation mode {mode!r}; use 'bilinear', 'bicubic' or 'nearest'")
+    if x.dim() < 3 or not x.is_floating_point():
+        raise ValueError(f"expected floating images (N, ..., H, W), got {x.dtype} of shape {tuple(x.shape)}")
+    N, H, W = x.shape[0], x.shape[-2], x.shape[-1]
+    ang = torch.as_tensor(degrees, dtype=torch.float64).reshape(-1).cpu()
+    if ang.numel() == 1 and N != 1:
+        ang = ang.expand(N)
+    if ang.numel() != N:
+        raise ValueError(f"got {ang.numel()} angles for {N} images")
+    flat = x.reshape(N, -1, H, W)                                   # (N, C, H, W)
+    # Output pixel p samples the input at R^-1 p (planar coordinates: x right, y up, origin at the
+    # image centre), written in grid_sample's normalised coordinates (u right, v down, in [-1, 1]
+    # across pixel centres): u' = c u - s (H-1)/(W-1) v,  v' = s (W-1)/(H-1) u + c v.
+    ax, ay = (H - 1) / (W - 1) if W > 1 else 0.0, (W - 1) / (H - 1) if H > 1 else 0.0
+    t = torch.deg2rad(ang)
+    c, s, z = torch.cos(t), torch.sin(t), torch.zeros_like(t)
+    theta = torch.stack([torch.stack([c, -s * ax, z], -1), torch.stack([s * ay, c, z], -1)], 1)
+    grid = F.affine_grid(theta, [N, 1, H, W], align_corners=True).to(device=x.device, dtype=x.dtype)
+    out = F.grid_sample(flat, grid, mode=mode, padding_mode="zeros", align_corners=True)
+    # Exact quarter turns: no interpolation at all, identical to act_on_image.
+    q = ang / 90.0
+    exact = (q - q.round()).abs() < 1e-9                          # same rule as _quarter_turns
+    turns = q.round().remainder(4).long()
+    for k in ((0, 1, 2, 3) if H == W else (0, 2)):                  # odd turns of a non-square image
+        sel = (exact & (turns == k)).to(x.device)                     # do not keep its shape: sampled
+        if sel.any():
+            out[sel] = torch.rot90(flat[sel], k, dims=(-2, -1)) if k else flat[sel]
+    return out.reshape(x.shape)
+
+
 def disk_mask(H: int, W: int, *, radius: float | None = None, device=None) -> torch.Tensor:
     """Boolean ``(H, W)`` mask of the centred disk (default radius ``min(H, W)/2``).
 
     The mask is invariant under every rotation by 90 degrees and every mirror of the grid.
     """
     r = min(H, W) / 2 if radius is None else radius
-    ys = torch.arange(H, device=device, dtype=torch.float64) - (H - 1) / 2
-    xs = torch.arange(W, device=device, dtype=torch.float64) - (W - 1) / 2
-    return (ys[:, None] ** 2 + xs[None, :] ** 2) <= r * r
+    X, Y = plane_coords(H, W, device=device)
+    return (X ** 2 + Y ** 2) <= r * r

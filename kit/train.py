@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from . import data as kdata
 from . import models
 from ._io import atomic_write, atomic_write_json
+from .groups import rotate_batch
 
 __all__ = ["RUN_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "SUMMARY_FILE", "PARAMS_FILE", "ERROR_FILE", "RUN_FILES",
            "Recipe", "PRESETS", "get_recipe", "lr_at", "build_model", "augment", "evaluate", "train",
@@ -285,12 +286,9 @@ def augment(x: torch.Tensor, kind: str, generator: torch.Generator, *, crop_pad:
         return x
     B, C, H, W = x.shape
     if kind == "rotate":
-        up = F.interpolate(x, scale_factor=3, mode="bilinear", align_corners=False)
-        t = (torch.rand(B, generator=generator) * 2 - 1) * math.pi
-        c, s, z = torch.cos(t), torch.sin(t), torch.zeros(B)
-        theta = torch.stack([torch.stack([c, -s, z], -1), torch.stack([s, c, z], -1)], 1).to(x)
-        grid = F.affine_grid(theta, list(up.shape), align_corners=False)
-        up = F.grid_sample(up, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        up = F.interpolate(x, scale_factor=3, mode="bilinear", align_corners=False)     # (B, C, 3H, 3W)
+        degrees = (torch.rand(B, generator=generator) * 2 - 1) * 180.0
+        up = rotate_batch(up, degrees, mode="nearest")              # the kit's one batched image action
         return F.interpolate(up, size=(H, W), mode="bilinear", align_corners=False, antialias=True)
     if kind == "crop-flip":
         p = crop_pad

@@ -133,3 +133,50 @@ def test_representations_checked():
     bad[1] = torch.tensor([[0.0, 1.0], [1.0, 0.0]])          # r -> swap, r^2 -> identity?  not a hom.
     with pytest.raises(ValueError, match="not a homomorphism"):
         Representation(cyclic(4), "bad", bad)
+
+
+# ------------------------------------------------------------------ the one pixel <-> plane convention
+def test_plane_coords_x_right_y_up_centred():
+    from kit.groups import kernel_offsets, plane_coords
+    X, Y = plane_coords(3, 5)
+    assert X[0].tolist() == [-2, -1, 0, 1, 2] and Y[:, 0].tolist() == [1, 0, -1]     # row 0 on top
+    assert torch.equal(plane_coords(4, 4, spacing=0.5)[0][0], torch.tensor([-0.75, -0.25, 0.25, 0.75],
+                                                                            dtype=torch.float64))
+    off = kernel_offsets(3)
+    assert off[0].tolist() == [-1, 1] and off[2].tolist() == [1, 1] and off[8].tolist() == [1, -1]
+
+
+def test_rotate_batch_is_act_on_image_per_image():
+    """The one batched image action (data and augmentation) is the groups' action, image by image."""
+    from kit.groups import act_on_image, rotate_batch
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, 2, 9, 9, generator=g)
+    deg = torch.tensor([0.0, 90.0, 180.0, 270.0, 33.0, -127.5])
+    y = rotate_batch(x, deg)
+    wide = torch.rand(2, 9, 11, generator=g)                          # non-square: 180 exact, 30 sampled
+    yw = rotate_batch(wide, [180.0, 30.0])
+    assert torch.equal(yw[0], act_on_image(wide[0], 180.0))
+    assert torch.allclose(yw[1], act_on_image(wide[1], 30.0), atol=1e-6)
+    for i in range(6):
+        ref = act_on_image(x[i], float(deg[i]))
+        exact = float(deg[i]) % 90 == 0
+        assert torch.equal(y[i], ref) if exact else torch.allclose(y[i], ref, atol=1e-6), i
+    with pytest.raises(ValueError, match="got 2 angles for 6 images"):
+        rotate_batch(x, [1.0, 2.0])
+    with pytest.raises(ValueError, match="unknown interpolation mode 'cubic'"):
+        rotate_batch(x, deg, mode="cubic")
+
+
+def test_augmentation_and_data_rotate_with_the_same_action():
+    from kit import data, train
+    from kit.groups import rotate_batch
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    got = train.augment(x, "rotate", torch.Generator().manual_seed(5))
+    deg = (torch.rand(8, generator=torch.Generator().manual_seed(5)) * 2 - 1) * 180.0
+    up = torch.nn.functional.interpolate(x, scale_factor=3, mode="bilinear", align_corners=False)
+    want = torch.nn.functional.interpolate(rotate_batch(up, deg, mode="nearest"), size=(28, 28),
+                                           mode="bilinear", align_corners=False, antialias=True)
+    assert torch.equal(got, want)
+    imgs = (torch.rand(5, 28, 28, generator=torch.Generator().manual_seed(2)) * 255).to(torch.uint8)
+    ang = [10.0, 90.0, 200.0, 45.0, 359.0]
+    assert torch.equal(data.rotate_digits(imgs, ang), rotate_batch(imgs.float() / 255, ang).clamp(0, 1))

@@ -81,7 +81,7 @@ import torch.nn.functional as F
 
 from .._io import atomic_write
 from ..fields import FieldType
-from ..groups import Group, Representation, cyclic, regular_rep
+from ..groups import Group, Representation, cyclic, plane_coords, regular_rep
 from .base import EquivariantModule, KernelCache
 from .e4 import FieldGroupNorm, dynamic_aggregate
 from .pdo import substitution_matrix
@@ -730,8 +730,7 @@ def _blob_maps(n_maps: int, size: int, A_inv: torch.Tensor, *, seed: int, n_blob
     c = (torch.rand(n_maps, n_blobs, 2, generator=gen, dtype=torch.float64) * 2 - 1) * radius
     s = sigma[0] + (sigma[1] - sigma[0]) * torch.rand(n_maps, n_blobs, generator=gen, dtype=torch.float64)
     a = torch.randn(n_maps, n_blobs, generator=gen, dtype=torch.float64)
-    t = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    Y, X = torch.meshgrid(-t, t, indexing="ij")                             # row 0 at the top: y up
+    X, Y = plane_coords(size, size)                                         # x right, y up (row 0 on top)
     P = torch.stack([X, Y], -1) @ A_inv.T                                   # (size, size, 2): A^-1 p
     d2 = ((P[None, None] - c[:, :, None, None]) ** 2).sum(-1)               # (n, blobs, size, size)
     return (a[..., None, None] * torch.exp(-d2 / (2 * s[..., None, None] ** 2))).sum(1)

@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fields import FieldType
-from ..groups import Group, cyclic, rotation_matrix
+from ..groups import Group, cyclic, plane_coords, rotation_matrix
 from .base import EquivariantModule, KernelCache
 from .registry import fields_for, register_family
 from .stencils import METHODS, component_index, components, stencil, stencil_bank
@@ -302,8 +302,7 @@ def refinement_study(*, method: str = "fd", n: int = 8, k: int = 1, hs=(0.2, 0.1
             layer.weight.copy_(coeffs / h ** orders)
         m = int(round(radius / h))
         N = 2 * m + 1                                              # evaluation grid, centre = 0
-        t = h * (torch.arange(N + 4, dtype=torch.float64) - (N + 3) / 2)
-        Y, X = torch.meshgrid(-t, t, indexing="ij")               # row 0 at the top: y decreasing
+        X, Y = plane_coords(N + 4, N + 4, spacing=h)              # x right, y up (row 0 on top)
         Xr, Yr = R[0, 0] * X + R[1, 0] * Y, R[0, 1] * X + R[1, 1] * Y      # R^-1 p = R^T p
         with torch.no_grad():
             y1 = layer(f(Xr, Yr)[None, None])[0]                   # (O, G, N, N): Psi(f o R^-1)

@@ -65,7 +65,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fields import FieldType
-from ..groups import CyclicGroup, Representation, cyclic, regular_rep, rotate_image
+from ..groups import CyclicGroup, Representation, cyclic, plane_coords, regular_rep, rotate_image
 from .base import EquivariantModule, KernelCache
 from .registry import fields_for, register_family
 
@@ -208,9 +208,8 @@ def _spatial_coords(grid: LieGrid, k: int, offset: float, rows: int) -> torch.Te
     """``s_m^-1 R(-theta_a) u`` for ``a < rows``, every scale ``m`` and the ``k x k`` offsets ``u``:
     ``(rows, S, k, k, 2)`` float64, ``u`` normalised to ``[-1, 1]`` (x ``s_max`` for Sim(2))."""
     r = (k - 1) / 2
-    t = torch.arange(k, dtype=torch.float64) - r
-    ii, jj = torch.meshgrid(t, t, indexing="ij")
-    ux, uy = jj / max(r, 1.0), -ii / max(r, 1.0)                       # planar: x right, y up
+    X, Y = plane_coords(k, k)                                            # planar: x right, y up
+    ux, uy = X / max(r, 1.0), Y / max(r, 1.0)
     ux, uy = ux * grid.s_max, uy * grid.s_max
     th = grid.angles(offset)[:rows].view(rows, 1, 1, 1)
     inv_s = torch.exp(-grid.log_scales()).view(1, -1, 1, 1)

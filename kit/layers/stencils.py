@@ -74,6 +74,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from ..groups import kernel_offsets
+
 __all__ = ["METHODS", "DEFAULT_SIGMA", "components", "component_index", "component_name", "stencil",
            "stencil_bank", "fd_1d", "offsets", "gaussian_derivative"]
 
@@ -110,8 +112,7 @@ def _check_order(order, what):
 def offsets(size: int) -> np.ndarray:
     """``(size*size, 2)`` planar offsets ``(x, y)`` of the kernel taps in row-major order
     (row 0 = top, ``y = size//2``; column 0 = left, ``x = -size//2``)."""
-    r = size // 2
-    return np.array([(c - r, r - rr) for rr in range(size) for c in range(size)], dtype=np.float64)
+    return kernel_offsets(size).numpy()
 
 
 # ------------------------------------------------------------------------------- FD
