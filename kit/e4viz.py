@@ -83,14 +83,8 @@ class Lab:
 
     def describe(self) -> str:
         """One line: which model, which weights (the zoo manifest's accuracies for a trained one)."""
-        if not self.pretrained:
-            return f"{self.name}: untrained (seeded), batch norm calibrated on real digits"
         from . import zoo
-        m = zoo.manifest(self.name)
-        return (f"{self.name}: trained by the zoo ({m['epochs']} epochs of the {m['preset']} recipe scaled, "
-                f"{m.get('dataset_label', m['dataset'])}); test accuracy {m['final_test_acc']:.2f} % (final), "
-                f"{m['test_acc_at_best_val']:.2f} % (best-val epoch); initial twin: seed {m['seed']}, "
-                f"batch norm calibrated on real digits")
+        return zoo.describe_weights(self.name, pretrained=self.pretrained)
 
     @torch.no_grad()
     def features(self, x: torch.Tensor | None = None) -> torch.Tensor:

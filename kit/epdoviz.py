@@ -84,14 +84,8 @@ class Lab:
         """One line: which model, which weights (the zoo manifest's accuracies for a trained one)."""
         G, L = self.group, self.layer
         arch = f"{G.name} regular fields, g={L.g}, s={L.s}, {self.method} stencils"
-        if not self.pretrained:
-            return f"{self.name} ({arch}): untrained (seeded), batch norm calibrated on real digits"
         from . import zoo
-        m = zoo.manifest(self.name)
-        return (f"{self.name} ({arch}): trained by the zoo ({m['epochs']} epochs of the {m['preset']} recipe "
-                f"scaled, {m.get('dataset_label', m['dataset'])}); test accuracy {m['final_test_acc']:.2f} % "
-                f"(final), {m['test_acc_at_best_val']:.2f} % (best-val epoch); initial twin: seed {m['seed']}, "
-                f"batch norm calibrated on real digits")
+        return zoo.describe_weights(self.name, pretrained=self.pretrained, arch=arch)
 
     def check_slot(self, slot: int, component: int) -> None:
         """A clear error for a generated field / group component this layer does not have."""

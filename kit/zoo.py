@@ -39,6 +39,7 @@ from .data import _atomic_savez as _savez
 from .layers.base import EquivariantModule
 
 __all__ = ["WEIGHTS_DIR", "HELDOUT_SIZE", "Standardized", "list_pretrained", "manifest", "weights_path",
+           "describe_weights",
            "load_pretrained", "initial_twin", "heldout", "heldout_accuracy", "build_heldout", "export_run", "export_sweep",
            "zoo_rows", "zoo_markdown", "sha256"]
 
@@ -131,6 +132,19 @@ class Preprocess(nn.Module):
 
 
 # ------------------------------------------------------------------------------ loading
+def describe_weights(name: str, *, pretrained: bool, arch: str = "") -> str:
+    """One line for an explorer's title: which model (``arch`` in brackets if given) and which weights:
+    the zoo manifest's recipe and accuracies for a trained one, "untrained (seeded)" otherwise."""
+    head = f"{name} ({arch})" if arch else name
+    if not pretrained:
+        return f"{head}: untrained (seeded), batch norm calibrated on real digits"
+    m = manifest(name)
+    return (f"{head}: trained by the zoo ({m['epochs']} epochs of the {m['preset']} recipe scaled, "
+            f"{m.get('dataset_label', m['dataset'])}); test accuracy {m['final_test_acc']:.2f} % (final), "
+            f"{m['test_acc_at_best_val']:.2f} % (best-val epoch); initial twin: seed {m['seed']}, "
+            f"batch norm calibrated on real digits")
+
+
 def load_pretrained(name: str, model: nn.Module, root=None) -> nn.Module:
     """Load zoo weights into ``model`` (built by ``kit.models.create(name)``): sha256 checked against
     the manifest, ``weights_only=True``, strict keys and shapes. Returns the model in eval mode,
