@@ -39,13 +39,11 @@ def _img(ax, a, title=None, cmap="magma", sym=False):
 
 
 def _first_features(model, x):
-    """Output of the model's first conv block (after its nonlinearity)."""
-    if hasattr(model, "layers"):                     # EquivariantSequential: conv, BN, ReLU
-        h = x
-        for m in list(model.layers)[:3]:
-            h = m(h)
-        return h                                     # (B, C, |G|, H, W)
-    return model.features[:3](x)                     # (B, C, H, W)
+    """Output of the model's first conv block (after its nonlinearity): the model's ``stage_features``."""
+    if not hasattr(model, "stage_features"):
+        raise TypeError(f"{type(model).__name__} has no stage_features(x, stage) method (expected a kit model: "
+                        f"an EquivariantSequential or PlainCNN)")
+    return model.stage_features(x, 1)                # (B, C, |G|, H, W) or (B, C, H, W)
 
 
 @torch.no_grad()

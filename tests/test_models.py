@@ -119,3 +119,20 @@ def test_parameter_count_is_the_papers(name):
     card = models.model_card(name)
     n = models.count_parameters(models.create(name, **card.paper_overrides))
     assert abs(n - card.reported["params"]) <= card.reported.get("params_precision", 0), (name, n, card.reported)
+
+
+@pytest.mark.parametrize("name", ["cnn-mnist", "p4-mnist", "p4m-mnist", "e4-mnist-normal", "pdo-mnist-p8",
+                                  "nepdo-mnist-regular-fd-small"])
+def test_stage_features_are_the_first_blocks_output(name):
+    """Explorers ask a model for "the features at stage k" (no duck typing of its layout)."""
+    m = models.create(name).eval()
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f1, f2 = m.stage_features(x, 1), m.stage_features(x, 2)
+        first = list(m.layers)[:3] if hasattr(m, "layers") else list(m.features)[:3]   # conv, norm, ReLU
+        h = x
+        for mod in first:
+            h = mod(h)
+    assert torch.equal(f1, h) and (f1 >= 0).all() and f2.shape[1] >= f1.shape[1]
+    with pytest.raises(ValueError, match="stage must be in \\[1, "):
+        m.stage_features(x, 99)

@@ -111,6 +111,19 @@ class EquivariantSequential(EquivariantModule):
             x = m(x)
         return x
 
+    def stage_features(self, x: torch.Tensor, stage: int = 1) -> torch.Tensor:
+        """The fields after the ``stage``-th pointwise nonlinearity (:class:`FieldReLU`), i.e. the output
+        of the ``stage``-th conv -> norm -> ReLU block counted from the input: what explorers show as
+        "the features at stage k", ``(B, C, D, H, W)``."""
+        seen = 0
+        for m in self.layers:
+            x = m(x)
+            seen += isinstance(m, FieldReLU)
+            if seen == stage:
+                return x
+        raise ValueError(f"stage must be in [1, {seen}] ({type(self).__name__} has {seen} FieldReLU stages), "
+                         f"got {stage}")
+
     def __getitem__(self, i):
         return self.layers[i]
 

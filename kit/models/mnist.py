@@ -76,6 +76,17 @@ class PlainCNN(nn.Module):
             *block(w2, w3, kernel_size), *block(w3, w3, kernel_size))
         self.linear = nn.Linear(w3, num_classes)
 
+    def stage_features(self, x, stage: int = 1):
+        """The channels after the ``stage``-th ReLU (as :meth:`kit.layers.EquivariantSequential.stage_features`)."""
+        x = self.in_type.check(x, "PlainCNN input")
+        seen = 0
+        for m in self.features:
+            x = m(x)
+            seen += isinstance(m, nn.ReLU)
+            if seen == stage:
+                return x                                                   # (B, C, H, W)
+        raise ValueError(f"stage must be in [1, {seen}] (PlainCNN has {seen} ReLU stages), got {stage}")
+
     def forward(self, x):
         x = self.in_type.check(x, "PlainCNN input")                         # (B, 1, 28, 28)
         return self.linear(self.features(x).mean(dim=(-2, -1)))              # (B, 10)
