@@ -34,7 +34,7 @@ from .layers import EquivariantSequential, FieldReLU
 from .layers.pdo import PDOGroupConv, PDOLiftingConv, refinement_study, substitution_matrix
 from .layers.stencils import (DEFAULT_SIGMA, METHODS, component_index, component_name, components, stencil,
                               stencil_bank)
-from .viz import save
+from .viz import plot_error_vs_angle, save
 
 __all__ = ["OPERATORS", "GALLERY_OPERATORS", "DEFAULT_SIGMA", "operator_coefficients", "operator_label",
            "stencil_figure", "stencil_gallery_figure", "rotated_kernels", "rotated_kernels_figure", "layer_error_study",
@@ -365,21 +365,16 @@ def error_vs_angle_figure(results: dict[str, list[Record]], *, title: str | None
     top = 0.0
     for name, recs in results.items():
         n = int(name[1:]) if name[1:].isdigit() else None
-        col = _GROUP_COLORS.get(n)
-        a = np.array([r.angle for r in recs])
-        e = np.array([r.error for r in recs])
-        fl = np.array([r.floor if r.floor is not None else np.nan for r in recs])
-        on = np.array([r.element is not None for r in recs])
-        line, = ax.plot(a, np.maximum(e, floor_min), "-", lw=1.6, color=col, label=f"{name}: layer error")
-        col = line.get_color()
-        ax.plot(a, np.maximum(fl, floor_min), ":", lw=1.4, color=col, label=f"{name}: interpolation floor")
-        ax.plot(a[on], np.maximum(e[on], floor_min), "o", ms=5, mfc="white", color=col,
-                label=f"{name}: its group elements")
-        keep = (a <= zoom + 1e-9) & (e > 1e-4)                       # drop the exact (float-noise) points
-        az.plot(a[keep], e[keep], "-", lw=1.6, color=col)
-        az.plot(a[keep], fl[keep], ":", lw=1.4, color=col)
-        az.plot(a[keep & on], e[keep & on], "o", ms=5, mfc="white", color=col)
-        top = max(top, float(np.nanmax(np.r_[e[keep], fl[keep], 0.0])))
+        col = plot_error_vs_angle(ax, recs, label=name, color=_GROUP_COLORS.get(n), style="-", ms=0,
+                                  floor_style=":", floor_lw=1.4, floor_min=floor_min, elements=True,
+                                  error_label="layer error")
+
+        def kept(r):                                                   # drop the exact (float-noise) points
+            return r.angle <= zoom + 1e-9 and r.error > 1e-4
+        plot_error_vs_angle(az, recs, label=name, color=col, style="-", ms=0, floor_style=":",
+                            floor_lw=1.4, floor_min=0.0, elements=True, keep=kept)
+        vals = [v for r in recs if kept(r) for v in (r.error, r.floor if r.floor is not None else 0.0)]
+        top = max([top, *vals])
     ax.set_yscale("log")
     ax.set_ylabel("relative error (inside the disk)")
     ax.set_title(title or f"all angles (log scale; exact zeros drawn at {floor_min:.0e}):\n"

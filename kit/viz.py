@@ -15,7 +15,7 @@ from ._io import atomic_savefig
 from .equivariance import Record
 from .groups import act_on_image
 
-__all__ = ["save", "feature_maps_figure", "group_axis_figure", "error_vs_angle_figure",
+__all__ = ["save", "feature_maps_figure", "group_axis_figure", "error_vs_angle_figure", "plot_error_vs_angle",
            "error_vs_angle_plotly"]
 
 _COLORS = {"cnn-mnist": "#d62728", "p4-mnist": "#1f77b4", "p4m-mnist": "#2ca02c"}
@@ -104,17 +104,33 @@ def group_axis_figure(gcnn, x: torch.Tensor, *, channel: int = 0):
     return fig
 
 
+def plot_error_vs_angle(ax, recs: list[Record], *, label: str, color=None, style: str = "-o", ms: float = 2.5,
+                        lw: float = 1.6, floor_style: str = ":", floor_lw: float = 1.2, floor_min: float = 1e-9,
+                        elements: bool = False, keep=None, error_label: str = "error"):
+    """The one drawing of an error-vs-angle curve (every error-vs-angle figure of the kit calls it): the
+    error (``style``), the interpolation floor where measured (``floor_style``), and with ``elements``
+    circles on the group's own angles. Values below ``floor_min`` are drawn at ``floor_min``; ``keep(r)``
+    selects the records drawn. Returns the curve's colour."""
+    recs = [r for r in recs if keep is None or keep(r)]
+    a = [r.angle for r in recs]
+    line, = ax.plot(a, [max(r.error, floor_min) for r in recs], style, ms=ms, lw=lw, color=color,
+                    label=f"{label}: {error_label}")
+    col = line.get_color()
+    if recs and any(r.floor is not None for r in recs):
+        ax.plot(a, [max(r.floor, floor_min) if r.floor is not None else float("nan") for r in recs], floor_style,
+                lw=floor_lw, alpha=0.8, color=col, label=f"{label}: interpolation floor")
+    if elements:
+        on = [r for r in recs if r.element is not None]
+        ax.plot([r.angle for r in on], [max(r.error, floor_min) for r in on], "o", ms=5, mfc="white", color=col,
+                label=f"{label}: its group elements")
+    return col
+
+
 def error_vs_angle_figure(results: dict[str, list[Record]], *, title: str | None = None, logy: bool = True):
-    """Static error-vs-angle curves (layer error solid, interpolation floor dashed)."""
+    """Static error-vs-angle curves (layer error solid, interpolation floor dotted)."""
     fig, ax = plt.subplots(figsize=(9.5, 4.2))
     for name, recs in results.items():
-        col = _COLORS.get(name)
-        a = [r.angle for r in recs]
-        e = [max(r.error, 1e-9) for r in recs]
-        line, = ax.plot(a, e, "-o", ms=2.5, lw=1.6, color=col, label=f"{name}: error")
-        if recs and recs[0].floor is not None:
-            ax.plot(a, [max(r.floor, 1e-9) for r in recs], ":", lw=1.2, alpha=0.8, color=line.get_color(),
-                    label=f"{name}: interpolation floor")
+        plot_error_vs_angle(ax, recs, label=name, color=_COLORS.get(name))
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel("rotation angle (degrees, counter-clockwise)")

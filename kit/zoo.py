@@ -463,16 +463,14 @@ def error_vs_angle_figure(study: dict, *, ncols: int = 3):
     """One panel per zoo model: logit invariance error vs angle, trained (solid) beside its untrained
     twin (dashed), with the interpolation floor of each (dotted); grid-exact angles marked."""
     import matplotlib.pyplot as plt
+
+    from .viz import plot_error_vs_angle
     names = list(study)
     nrows = -(-len(names) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False, sharex=True)
     for ax, n in zip(axes.flat, names):
         for key, style, col in (("trained", "-", "tab:blue"), ("initial", "--", "tab:orange")):
-            recs = study[n][key]
-            a = [r.angle for r in recs]
-            ax.plot(a, [max(r.error, 1e-9) for r in recs], style, color=col, lw=1.5, label=f"{key}: error")
-            ax.plot(a, [max(r.floor, 1e-9) for r in recs], ":", color=col, lw=1.1, alpha=0.8,
-                    label=f"{key}: interpolation floor")
+            plot_error_vs_angle(ax, study[n][key], label=key, color=col, style=style, ms=0, lw=1.5, floor_lw=1.1)
         exact = [r.angle for r in study[n]["trained"] if r.element is not None]
         for e in exact:
             ax.axvline(e, color="0.85", lw=0.8, zorder=0)
