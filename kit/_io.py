@@ -7,13 +7,14 @@ On any error (or a failed ``verify``) the temporary file is removed and nothing 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_savefig"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_savefig", "file_digest"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *,
@@ -52,3 +53,12 @@ def atomic_savefig(fig, path: str | os.PathLike, *, dpi: int = 120, format: str 
     """A matplotlib figure (PNG by default, or the path's suffix), atomically."""
     fmt = format or (Path(path).suffix.lstrip(".") or "png")
     return atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi, bbox_inches="tight"))
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", *, chunk_size: int = 1 << 20) -> str:
+    """Hex digest (``md5``, ``sha1``, ``sha256``, ...) of a file, read in chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk_size), b""):
+            h.update(block)
+    return h.hexdigest()

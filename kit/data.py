@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import math
 import os
 import shutil
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_write
+from ._io import atomic_write, file_digest
 from .groups import rotate_batch
 
 __all__ = [
@@ -129,11 +128,7 @@ def mnist_root(root: str | os.PathLike | None = None) -> Path:
 
 def md5sum(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex MD5 digest of a file, read in chunks."""
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk_size), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "md5", chunk_size=chunk_size)
 
 
 def verify_file(path: str | os.PathLike, md5: str) -> Path:
@@ -350,11 +345,7 @@ def cache_dir(root: str | os.PathLike | None = None) -> Path:
 
 def sha1sum(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     """Hex SHA1 digest of a file, read in chunks."""
-    h = hashlib.sha1()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(chunk_size), b""):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(path, "sha1", chunk_size=chunk_size)
 
 
 def _fetch(url: str, fh, timeout: float = 60.0) -> None:

@@ -23,7 +23,6 @@ A model trained on standardised inputs (the PDO-eConv and separable recipes) is 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import subprocess
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write, atomic_write_json, atomic_write_text
+from ._io import atomic_write, atomic_write_json, atomic_write_text, file_digest
 from .train import CHECKPOINT_FILE, PARAMS_FILE, SUMMARY_FILE
 from .data import _atomic_savez as _savez
 from .layers.base import EquivariantModule
@@ -53,11 +52,8 @@ BEST_TEST = "best test accuracy over epochs (as the papers report: test-set mode
 
 # ----------------------------------------------------------------------------------- files
 def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """Hex SHA-256 of a file (what the manifests record)."""
+    return file_digest(path, "sha256")
 
 
 def weights_path(name: str, root=None) -> Path:

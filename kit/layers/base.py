@@ -16,7 +16,7 @@ from ..fields import FieldType
 from ..groups import Group
 
 __all__ = ["EquivariantModule", "KernelCache", "EquivariantSequential", "FieldReLU", "GroupBatchNorm",
-           "GroupPool", "SpatialPool", "InvariantHead", "steering_matrices"]
+           "GroupPool", "SpatialPool", "InvariantHead", "steering_matrices", "field_conv2d"]
 
 
 class EquivariantModule(nn.Module):
@@ -90,6 +90,15 @@ def steering_matrices(group: Group, kernel_size: int, *, mode: str = "bilinear")
     basis = torch.eye(kk, dtype=torch.float64).reshape(kk, kernel_size, kernel_size)
     return torch.stack([group.act_on_image(basis, g, mode=mode).reshape(kk, kk).T
                         for g in group.elements])                           # (G, kk, kk)
+
+
+def field_conv2d(x: torch.Tensor, in_type: FieldType, out_type: FieldType, filt: torch.Tensor,
+                 bias: torch.Tensor | None, *, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    """Convolve fields ``x`` of ``in_type`` with a steered filter bank ``filt (C_out*D_out, C_in*D_in, k, k)``
+    and one bias per *output field* (shared over its D axis): ``(B, C_out, D_out, H', W')``."""
+    b = bias.repeat_interleave(out_type.dim) if bias is not None else None          # one bias per field
+    y = F.conv2d(in_type.flatten(x), filt, b, stride=stride, padding=padding)
+    return out_type.unflatten(y)
 
 
 class EquivariantSequential(EquivariantModule):

@@ -20,11 +20,10 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..fields import FieldType
 from ..groups import Group, cyclic, dihedral
-from .base import EquivariantModule, KernelCache, steering_matrices
+from .base import EquivariantModule, KernelCache, field_conv2d, steering_matrices
 from .registry import fields_for, register_family
 
 __all__ = ["LiftingConv", "GroupConv", "steer_kernel"]
@@ -82,10 +81,8 @@ class _RegularOutConv(KernelCache, EquivariantModule):
                                   self.weight)
 
     def _forward(self, x):
-        G = self.out_type.group.order
-        b = self.bias.repeat_interleave(G) if self.bias is not None else None   # one bias per field
-        y = F.conv2d(self.in_type.flatten(x), self.filter(), b, stride=self.stride, padding=self.padding)
-        return self.out_type.unflatten(y)                                   # (B, C_out, |G|, H', W')
+        return field_conv2d(x, self.in_type, self.out_type, self.filter(), self.bias,
+                            stride=self.stride, padding=self.padding)       # (B, C_out, |G|, H', W')
 
     def extra_repr(self) -> str:
         return (f"{self.in_type} -> {self.out_type}, kernel_size={self.kernel_size}, "

@@ -51,11 +51,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..fields import FieldType
 from ..groups import Group, cyclic, plane_coords, rotation_matrix
-from .base import EquivariantModule, KernelCache
+from .base import EquivariantModule, KernelCache, field_conv2d
 from .registry import fields_for, register_family
 from .stencils import METHODS, component_index, components, stencil, stencil_bank
 
@@ -195,10 +194,8 @@ class _PDOConv(KernelCache, EquivariantModule):
         return self.cached_kernel(self._build, self.weight)
 
     def _forward(self, x):
-        G = self.out_type.group.order
-        b = self.bias.repeat_interleave(G) if self.bias is not None else None   # one bias per field
-        y = F.conv2d(self.in_type.flatten(x), self.filter(), b, stride=self.stride, padding=self.padding)
-        return self.out_type.unflatten(y)                                   # (B, C_out, |G|, H', W')
+        return field_conv2d(x, self.in_type, self.out_type, self.filter(), self.bias,
+                            stride=self.stride, padding=self.padding)       # (B, C_out, |G|, H', W')
 
     def extra_repr(self) -> str:
         off = f", offset={self.offset:.4g}" if self.offset else ""
