@@ -68,7 +68,7 @@ def test_trained_logits_invariant_at_grid_elements_in_float64(name):
     "open acceptance item of the zoo: with the cards' recipes scaled to ~10 CPU-minutes only p4-mnist (97.23 %) "
     "beats the CNN (94.46 % at best val); sep-se2-small 93.78, p4m 92.65 (3 epochs), pdo-p8 91.98, dsep-se2-small "
     "87.16, sep-sim2-small 72.39 (2 epochs), e4 67.77, nepdo-small 28.88 (the dynamic families start slowly: "
-    "README, zoo section). Strict: passes -> remove."))
+    "docs/training.md, zoo section). Strict: passes -> remove."))
 def test_equivariant_families_beat_the_cnn():
     cnn = zoo.manifest("cnn-mnist")["test_acc_at_best_val"]
     worse = {n: zoo.manifest(n)["test_acc_at_best_val"] for n in PRETRAINED
