@@ -23,19 +23,25 @@ def _pixels(fig):
     return buf.getvalue()
 
 
+def _drive(box, first_args, moves):
+    """Built: drawn once with ``first_args``. Then each ``(control, value, arg_index)`` move redraws once,
+    changes the picture, and shows ``value`` at ``args[arg_index]``."""
+    assert box.state["draws"] == 1 and box.state["args"] == first_args
+    before = _pixels(box.state["figure"])
+    for i, (control, value, k) in enumerate(moves):
+        control.value = value
+        assert box.state["draws"] == 2 + i and box.state["args"][k] == value, (control.description, box.state)
+        now = _pixels(box.state["figure"])
+        assert now != before, f"moving {control.description!r} changes the picture"
+        before = now
+
+
 def test_rotation_explorer_draws_and_redraws(built):
     models, x = built
     box = rotation_explorer(models["cnn-mnist"], models["p4-mnist"], x, angle=45.0)
-    (slider, field), out = box.children[0].children, box.children[1]
+    slider, field = box.children[0].children
     assert slider.description.startswith("angle") and not slider.continuous_update
-    assert box.state["draws"] == 1 and box.state["args"] == (45.0, 0)
-    first = _pixels(box.state["figure"])
-    slider.value = 90.0
-    assert box.state["draws"] == 2 and box.state["args"] == (90.0, 0)
-    second = _pixels(box.state["figure"])
-    assert second != first, "moving the slider changes the picture"
-    field.value = 1
-    assert box.state["draws"] == 3 and _pixels(box.state["figure"]) != second
+    _drive(box, (45.0, 0), [(slider, 90.0, 0), (field, 1, 1)])
 
 
 def test_epdo_coefficient_explorer_draws_and_redraws():
@@ -44,14 +50,7 @@ def test_epdo_coefficient_explorer_draws_and_redraws():
     box = epdoviz.coefficient_explorer(lab)
     (row, col), (field, comp) = box.children[0].children, box.children[1].children
     assert not row.continuous_update and field.max == 3 and comp.max == lab.group.order - 1
-    assert box.state["draws"] == 1 and box.state["args"] == (*lab.pixel, 0, 0)
-    first = _pixels(box.state["figure"])
-    row.value = row.value + 1
-    assert box.state["draws"] == 2 and box.state["args"][0] == lab.pixel[0] + 1
-    second = _pixels(box.state["figure"])
-    assert second != first, "moving the pixel changes the picture"
-    comp.value = 4
-    assert box.state["draws"] == 3 and _pixels(box.state["figure"]) != second
+    _drive(box, (*lab.pixel, 0, 0), [(row, lab.pixel[0] + 1, 0), (comp, 4, 3)])
 
 
 def test_e4_filter_explorer_draws_and_redraws():
@@ -60,14 +59,7 @@ def test_e4_filter_explorer_draws_and_redraws():
     box = e4viz.filter_explorer(lab)
     (row, col), (sl, rot) = box.children[0].children, box.children[1].children
     assert not row.continuous_update and sl.max == lab.layer.slices - 1 and rot.max == 3
-    assert box.state["draws"] == 1 and box.state["args"] == (*lab.pixel, 0, 1)
-    first = _pixels(box.state["figure"])
-    col.value = col.value + 1
-    assert box.state["draws"] == 2 and box.state["args"][1] == lab.pixel[1] + 1
-    second = _pixels(box.state["figure"])
-    assert second != first, "moving the pixel changes the picture"
-    rot.value = 2
-    assert box.state["draws"] == 3 and box.state["args"][3] == 2 and _pixels(box.state["figure"]) != second
+    _drive(box, (*lab.pixel, 0, 1), [(col, lab.pixel[1] + 1, 1), (rot, 2, 3)])
 
 
 def test_every_explorer_uses_the_one_scheme():
