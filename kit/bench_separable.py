@@ -22,7 +22,8 @@ import statistics
 
 import torch
 
-from .layers.separable import SE2, VARIANTS, LieGrid, LieGroupConv, Sim2
+from .layers.separable import VARIANTS, LieGroupConv
+from .lie import SE2, LieGrid, Sim2
 from .timing import RSSPeak, peak_memory, timed
 
 __all__ = ["measure", "layer_macs", "benchmark", "with_ratios", "table", "main"]

@@ -40,10 +40,9 @@ from . import models
 from .fields import FieldType
 from .groups import act_on_image, cyclic, disk_mask
 from .layers.base import EquivariantSequential
-from .layers.epdo import (KERNEL_SIZE, N_OPS, LinearPDOConv, NeuralEPDOConv, centre_equivariance_error,
-                          coefficient_rep, field_rep, pdo_stencil_matrix)
-from .layers.stencils import component_name, components
+from .layers.epdo import KERNEL_SIZE, N_OPS, LinearPDOConv, NeuralEPDOConv, centre_equivariance_error, pdo_stencil_matrix
 from .models import epdo as _epdo_models  # noqa: F401  (registers the nepdo-* models)
+from .reps import coefficient_rep, component_name, components, field_rep
 from .sample import load_sample
 
 __all__ = ["Lab", "setup", "coefficients_figure", "trained_vs_initial", "trained_vs_initial_figure",

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from .equivariance import Record, error_vs_angle
 from .groups import cyclic, disk_mask, rotation_matrix
 from .layers import EquivariantSequential, FieldReLU
-from .layers.pdo import PDOGroupConv, PDOLiftingConv, refinement_study, substitution_matrix
-from .layers.stencils import (DEFAULT_SIGMA, METHODS, component_index, component_name, components, stencil,
-                              stencil_bank)
+from .layers.pdo import PDOGroupConv, PDOLiftingConv, refinement_study
+from .layers.stencils import DEFAULT_SIGMA, METHODS, stencil, stencil_bank
+from .reps import component_index, component_name, components, substitution_matrix
 from .viz import plot_error_vs_angle, save
 
 __all__ = ["OPERATORS", "GALLERY_OPERATORS", "DEFAULT_SIGMA", "operator_coefficients", "operator_label",

@@ -39,8 +39,8 @@ import torch.nn as nn
 from . import models, redundancy
 from .equivariance import error_vs_angle
 from .groups import disk_mask
-from .layers.separable import (SE2, LieGrid, LieGroupConv, LieLiftingConv, Sim2, _inv_det, _LieConv,
-                              _spatial_coords, _spatial_mask)
+from .layers.separable import LieGroupConv, LieLiftingConv, _inv_det, _LieConv, _spatial_coords, _spatial_mask
+from .lie import SE2, LieGrid, Sim2
 from .sample import load_sample
 
 __all__ = ["make_layers", "resample", "h_kernel", "spatial_kernels", "kernel_function_figure",

@@ -24,7 +24,7 @@ from kit.groups import cyclic
 from kit.layers import (E4Conv, EquivariantSequential, FieldReLU, GroupBatchNorm, GroupConv, InvariantHead,
                         LieGroupConv, LieLiftingConv, LiftingConv, NeuralEPDOConv, PDOGroupConv,
                         PDOLiftingConv)
-from kit.layers.separable import SE2
+from kit.lie import SE2
 from test_models import small
 
 ALL = models.list_models()

@@ -24,9 +24,12 @@ from kit import models
 from kit.equivariance import check, max_error
 from kit.fields import FieldType
 from kit.groups import cyclic, dihedral, disk_mask, trivial_rep
+from kit import reps as R
+from kit.kernels import intertwiners as I
 from kit.layers import epdo as E
 from kit.layers.base import EquivariantSequential
-from kit.layers.stencils import component_index, components, stencil_bank
+from kit.layers.stencils import stencil_bank
+from kit.reps import component_index, components
 
 TOL = 1e-5
 METHODS = ["fd", "gauss", "rbffd"]
@@ -41,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def _no_disk_cache(monkeypatch):
-    monkeypatch.setattr(E, "DISK_CACHE", False)
+    monkeypatch.setattr(I, "DISK_CACHE", False)
 
 
 def _exact(G, mirrors=True):
@@ -70,7 +73,7 @@ def _perturb(module, seed=1, scale=0.5):
 
 
 def _layers(G, kind, method, **kw):
-    rep = E.field_rep(G, kind)
+    rep = R.field_rep(G, kind)
     lift = E.LinearPDOConv(in_type=FieldType(G, "trivial", 1), out_fields=3, out_rep=rep, method=method, **kw)
     t = FieldType(G, rep, 4)
     nl = E.NeuralEPDOConv(in_type=t, out_fields=4, g=4, s=1 if kind == "quotient" else 2,
@@ -82,20 +85,20 @@ def _layers(G, kind, method, **kw):
 # ------------------------------------------------------------------------------ representations
 def test_quotient_and_field_representations():
     C16 = cyclic(16)
-    q = E.quotient_rep(C16, 4)
+    q = R.quotient_rep(C16, 4)
     assert q.dim == 4 and q.perm is not None
     assert torch.equal(q(C16.element(4)), torch.eye(4, dtype=torch.float64))     # 90 degrees acts trivially
     assert torch.equal(q(C16.element(1)) @ torch.eye(4, dtype=torch.float64)[:, 0],
                        torch.eye(4, dtype=torch.float64)[:, 1])                    # generator shifts by one
-    Q = E.field_rep(C16, "quotient")
-    assert Q.dim == 20 and Q.perm is not None and E.hom_dimension(Q, Q) == 28
-    assert E.field_rep(dihedral(16)).dim == 32
+    Q = R.field_rep(C16, "quotient")
+    assert Q.dim == 20 and Q.perm is not None and I.hom_dimension(Q, Q) == 28
+    assert R.field_rep(dihedral(16)).dim == 32
     with pytest.raises(ValueError, match="cyclic groups only"):
-        E.quotient_rep(dihedral(16), 4)
+        R.quotient_rep(dihedral(16), 4)
     with pytest.raises(ValueError, match="dividing n = 16"):
-        E.quotient_rep(C16, 3)
+        R.quotient_rep(C16, 3)
     with pytest.raises(ValueError, match="unknown field kind"):
-        E.field_rep(C16, "irrep")
+        R.field_rep(C16, "irrep")
 
 
 def _poly_compose(P, A_inv):
@@ -140,15 +143,15 @@ def test_derivative_rep_is_the_chain_rule(G):
 
     rng = np.random.default_rng(0)
     P = np.triu(rng.standard_normal((7, 7)))[:, ::-1].copy()              # i + j <= 6
-    D = E.pdo_rep(G)
+    D = R.pdo_rep(G)
     p0 = np.array([0.3, -0.7])
     for g in G.elements[::3]:
         A_inv = G.matrix(G.inverse(g)).numpy()
         lhs = _poly_derivs(_poly_compose(P, A_inv), p0)
         rhs = D(g) @ _poly_derivs(P, A_inv @ p0)
         assert torch.allclose(lhs, rhs, atol=1e-9), (g, (lhs - rhs).abs().max())
-        assert torch.allclose(E.derivative_rep(G, 1)(g), G.matrix(g), atol=1e-14)
-    Dc = E.coefficient_rep(G)
+        assert torch.allclose(R.derivative_rep(G, 1)(g), G.matrix(g), atol=1e-14)
+    Dc = R.coefficient_rep(G)
     for g in G.elements[:5]:
         assert torch.allclose(Dc(g), torch.linalg.inv(D(g)).T, atol=1e-12)
 
@@ -158,21 +161,21 @@ def _cases():
     C4, D4, C8 = cyclic(4), dihedral(4), cyclic(8)
     out = []
     for G in (C4, D4, C8):
-        reg, D = E.field_rep(G), E.pdo_rep(G)
-        out += [(reg, reg), (E.tensor_rep(E.derivative_rep(G, 2), trivial_rep(G)), reg), (D, D),
-                (E.tensor_rep(E.derivative_rep(G, 3), reg), reg)]
+        reg, D = R.field_rep(G), R.pdo_rep(G)
+        out += [(reg, reg), (R.tensor_rep(R.derivative_rep(G, 2), trivial_rep(G)), reg), (D, D),
+                (R.tensor_rep(R.derivative_rep(G, 3), reg), reg)]
         if not G.flip:
-            out.append((reg, E.tensor_rep(reg, E.coefficient_rep(G))))
-    q = E.direct_sum(E.field_rep(C8), E.quotient_rep(C8, 2))
-    out += [(q, q), (E.derivative_rep(C8, 4), q)]
+            out.append((reg, R.tensor_rep(reg, R.coefficient_rep(G))))
+    q = R.direct_sum(R.field_rep(C8), R.quotient_rep(C8, 2))
+    out += [(q, q), (R.derivative_rep(C8, 4), q)]
     return out
 
 
 @pytest.mark.parametrize("rin,rout", _cases(), ids=lambda r: f"{r.group}-{r.name}-{r.dim}")
 def test_solver_equals_dense_null_space_and_characters(rin, rout):
-    B = E.intertwiner_basis(rin, rout)
-    dense = E.solve_dense(rin, rout)
-    assert B.dtype == torch.float64 and B.shape[0] == dense.shape[0] == E.hom_dimension(rin, rout)
+    B = I.intertwiner_basis(rin, rout)
+    dense = I.solve_dense(rin, rout)
+    assert B.dtype == torch.float64 and B.shape[0] == dense.shape[0] == I.hom_dimension(rin, rout)
     # every element (not only the generators) and orthonormality
     res = torch.einsum("gij,njk->gnik", rout.matrices, B) - torch.einsum("njk,gkl->gnjl", B, rin.matrices)
     assert res.abs().max() < 1e-12
@@ -187,49 +190,49 @@ def test_paper_basis_sizes():
     C16, D16 = cyclic(16), dihedral(16)
     S, key = E.pdo_stencil_matrix("fd")
     tr = lambda G: trivial_rep(G)
-    assert E.pdo_conv_basis(tr(C16), E.field_rep(C16), S, key).shape[0] == 15
-    assert E.pdo_conv_basis(tr(D16), E.field_rep(D16), S, key).shape[0] == 15
-    assert E.pdo_conv_basis(tr(C16), E.field_rep(C16, "quotient"), S, key).shape[0] == 20
-    assert E.pdo_conv_basis(E.field_rep(C16), E.field_rep(C16), S, key).shape[0] == 240
-    assert E.generator_basis(E.field_rep(C16), S, key).shape == (240, 16, 15, 16)
-    assert E.generator_basis(E.field_rep(D16), S, key).shape == (480, 32, 15, 32)
+    assert E.pdo_conv_basis(tr(C16), R.field_rep(C16), S, key).shape[0] == 15
+    assert E.pdo_conv_basis(tr(D16), R.field_rep(D16), S, key).shape[0] == 15
+    assert E.pdo_conv_basis(tr(C16), R.field_rep(C16, "quotient"), S, key).shape[0] == 20
+    assert E.pdo_conv_basis(R.field_rep(C16), R.field_rep(C16), S, key).shape[0] == 240
+    assert E.generator_basis(R.field_rep(C16), S, key).shape == (240, 16, 15, 16)
+    assert E.generator_basis(R.field_rep(D16), S, key).shape == (480, 32, 15, 32)
 
 
 @pytest.mark.parametrize("G,kind", [(cyclic(4), "regular"), (dihedral(4), "regular"), (cyclic(8), "quotient")],
                          ids=str)
 def test_generator_basis_kernels_orthonormal_and_structured_gram_exact(G, kind):
     S, key = E.pdo_stencil_matrix("gauss")
-    rho = E.field_rep(G, kind)
+    rho = R.field_rep(G, kind)
     B = E.generator_basis(rho, S, key)
     K = torch.einsum("ncaq,au->ncuq", B, S).flatten(1)
     assert torch.allclose(K @ K.T, torch.eye(K.shape[0], dtype=torch.float64), atol=1e-10)
     assert torch.allclose(B, E.generator_basis(rho, S, key, structured=False), atol=1e-10)
     # every element: (rho (x) D^-T)(g) W = W rho_reg(g), i.e. the generated coefficients transform right
-    V = E.tensor_rep(rho, E.coefficient_rep(G))
+    V = R.tensor_rep(rho, R.coefficient_rep(G))
     W = B.flatten(1, 2)
-    res = torch.einsum("gij,njk->gnik", V.matrices, W) - torch.einsum("njk,gkl->gnjl", W, E.field_rep(G).matrices)
+    res = torch.einsum("gij,njk->gnik", V.matrices, W) - torch.einsum("njk,gkl->gnjl", W, R.field_rep(G).matrices)
     assert res.abs().max() < 1e-10
 
 
 def test_solver_caches_in_memory_and_on_disk(tmp_path, monkeypatch):
     monkeypatch.setenv("KIT_CACHE_DIR", str(tmp_path))
     G = cyclic(8)
-    rin, rout = E.tensor_rep(E.derivative_rep(G, 3), E.field_rep(G)), E.field_rep(G)
-    E.clear_cache()
-    B = E.intertwiner_basis(rin, rout, disk=True)
-    assert E.intertwiner_basis(rin, rout, disk=True) is B                       # in-process cache
+    rin, rout = R.tensor_rep(R.derivative_rep(G, 3), R.field_rep(G)), R.field_rep(G)
+    I.clear_cache()
+    B = I.intertwiner_basis(rin, rout, disk=True)
+    assert I.intertwiner_basis(rin, rout, disk=True) is B                       # in-process cache
     files = list((tmp_path / "epdo").glob("*.pt"))
     assert len(files) == 1 and not list((tmp_path / "epdo").glob(".tmp-*"))   # atomic: no temp left
-    E.clear_cache()
-    monkeypatch.setattr(E, "_solve", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-solved")))
-    B2 = E.intertwiner_basis(rin, rout, disk=True)                              # loaded from disk
+    I.clear_cache()
+    monkeypatch.setattr(I, "_solve", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-solved")))
+    B2 = I.intertwiner_basis(rin, rout, disk=True)                              # loaded from disk
     assert torch.equal(B, B2)
     files[0].write_bytes(b"garbage")                                            # corrupt file: re-solve
-    E.clear_cache()
+    I.clear_cache()
     monkeypatch.undo()
     monkeypatch.setenv("KIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(E, "DISK_CACHE", False)
-    assert torch.equal(E.intertwiner_basis(rin, rout, disk=True), B)
+    monkeypatch.setattr(I, "DISK_CACHE", False)
+    assert torch.equal(I.intertwiner_basis(rin, rout, disk=True), B)
 
 
 # ------------------------------------------------------------------------ exact layer equivariance
@@ -294,8 +297,8 @@ def test_layer_parameter_counts():
     """The per-layer formula and table of the reference (section 6.3 / 7.2)."""
     C16, D16 = cyclic(16), dihedral(16)
     count = models.count_parameters
-    reg = lambda G, z: FieldType(G, E.field_rep(G), z)
-    quo = lambda z: FieldType(C16, E.field_rep(C16, "quotient"), z)
+    reg = lambda G, z: FieldType(G, R.field_rep(G), z)
+    quo = lambda z: FieldType(C16, R.field_rep(C16, "quotient"), z)
     assert count(E.NeuralEPDOConv(in_type=reg(C16, 16), out_fields=24, g=4, s=4)) == 14_144
     assert count(E.NeuralEPDOConv(in_type=quo(12), out_fields=16, g=4, s=1, reduction=2)) == 15_484
     assert count(E.NeuralEPDOConv(in_type=reg(D16, 12), out_fields=16, g=4, s=1)) == 33_840
@@ -316,7 +319,7 @@ def test_models_build_in_under_30_seconds_cold():
     """No cache at all (in process or on disk): the public code needs 221 s for D16|5C16."""
     times = {}
     for name in ("nepdo-mnist-quotient-gauss", "nepdo-mnist-d16c16-gauss"):
-        E.clear_cache()
+        I.clear_cache()
         t = time.perf_counter()
         models.create(name)
         times[name] = time.perf_counter() - t
@@ -371,8 +374,8 @@ def test_restriction_is_two_c16_regular_fields(digits):
         xs = r.in_type.transform(x, g) if D16.is_exact_on_grid(g) else None
         if xs is not None:
             assert torch.equal(r(xs), r.out_type.transform(r(x), g))
-        xf = x.index_select(2, E.field_rep(D16).perm[D16.index(g)])              # field axis only
-        yf = r(x).index_select(2, E.field_rep(cyclic(16)).perm[g.k])
+        xf = x.index_select(2, R.field_rep(D16).perm[D16.index(g)])              # field axis only
+        yf = r(x).index_select(2, R.field_rep(cyclic(16)).perm[g.k])
         assert torch.equal(r(xf), yf)
 
 
@@ -380,7 +383,7 @@ def test_restriction_is_two_c16_regular_fields(digits):
 def test_layer_equals_naive_float64_reference(digits):
     """Unfold-based reference with the stencils folded into the generator weight (the public form)."""
     G = cyclic(16)
-    t = FieldType(G, E.field_rep(G, "quotient"), 8)
+    t = FieldType(G, R.field_rep(G, "quotient"), 8)
     nl = E.NeuralEPDOConv(in_type=t, out_fields=3, g=4, s=1, reduction=2, method="gauss").double()
     _perturb(nl)
     x = _fields(t, digits, size=12).double()
@@ -411,7 +414,7 @@ def test_forward_backward_reaches_every_parameter(digits):
 
 def test_bad_arguments_are_clear():
     G = cyclic(16)
-    t = FieldType(G, E.field_rep(G), 6)
+    t = FieldType(G, R.field_rep(G), 6)
     with pytest.raises(ValueError, match="g .* must divide the 6 input fields"):
         E.NeuralEPDOConv(in_type=t, out_fields=4, g=4)
     with pytest.raises(ValueError, match="s .* must divide g=3"):
@@ -419,7 +422,7 @@ def test_bad_arguments_are_clear():
     with pytest.raises(ValueError, match="permutation representation"):
         E.NeuralEPDOConv(in_type=FieldType(G, "trivial", 4), out_fields=4)
     with pytest.raises(ValueError, match="unknown discretisation method 'spline'"):
-        E.NeuralEPDOConv(in_type=FieldType(G, E.field_rep(G), 4), out_fields=4, method="spline")
+        E.NeuralEPDOConv(in_type=FieldType(G, R.field_rep(G), 4), out_fields=4, method="spline")
     with pytest.raises(ValueError, match=r"stencils must have shape \(15, 5, 5\)"):
         E.LinearPDOConv(in_type=FieldType(G, "trivial", 1), out_fields=2, stencils=torch.zeros(9, 3, 3))
     with pytest.raises(ValueError, match="restrict_after needs a dihedral group"):

@@ -1,11 +1,11 @@
 """The package's import structure: module-level imports form no cycle, and the layers stack one way
-(core <- layers <- models <- measuring / running <- explorers; nothing below imports an explorer at
+(core <- kernels <- layers <- models <- measuring / running <- explorers; nothing below imports an explorer at
 module level). Imports inside functions (lazy, for optional extras or heavy modules) are not counted."""
 import ast
 from pathlib import Path
 
 KIT = Path(__file__).resolve().parents[1] / "kit"
-CORE = {"kit._compat", "kit._io", "kit.timing", "kit.groups", "kit.fields"}
+CORE = {"kit._compat", "kit._io", "kit.timing", "kit.groups", "kit.reps", "kit.fields", "kit.lie"}
 EXPLORERS = {"kit.viz", "kit.widgets", "kit.primer", "kit.redundancy", "kit.e4viz", "kit.pdoviz", "kit.epdoviz",
              "kit.separable_lab"}
 
@@ -62,11 +62,14 @@ def test_layers_stack_one_way():
     for m, deps in graph.items():
         if m in CORE:
             assert deps <= CORE, (m, deps - CORE)
+        if m.startswith("kit.kernels"):
+            bad = {d for d in deps if not (d in CORE or d.startswith("kit.kernels"))}
+            assert not bad, (m, bad)
         if m.startswith("kit.layers"):
-            bad = {d for d in deps if not (d in CORE or d.startswith("kit.layers"))}
+            bad = {d for d in deps if not (d in CORE or d.startswith(("kit.kernels", "kit.layers")))}
             assert not bad, (m, bad)
         if m.startswith("kit.models"):
-            bad = {d for d in deps if not (d in CORE or d.startswith("kit.layers") or d.startswith("kit.models"))}
+            bad = {d for d in deps if not (d in CORE or d.startswith(("kit.kernels", "kit.layers", "kit.models")))}
             assert not bad, (m, bad)
         if m not in EXPLORERS and m != "kit.__main__":
             assert not (deps & EXPLORERS), (m, deps & EXPLORERS)

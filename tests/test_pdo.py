@@ -10,9 +10,9 @@ import torch
 import kit.layers.pdo as pdo
 from kit.equivariance import check, max_error
 from kit.groups import cyclic, dihedral, rotation_matrix
-from kit.layers.pdo import (LEARNABLE, PDOGroupConv, PDOLiftingConv, fd_monomial_matrix, refinement_study,
-                            substitution_matrix)
-from kit.layers.stencils import METHODS, component_index, components
+from kit.layers.pdo import LEARNABLE, PDOGroupConv, PDOLiftingConv, fd_monomial_matrix, refinement_study
+from kit.layers.stencils import METHODS
+from kit.reps import component_index, components, substitution_matrix
 
 TOL = 1e-5
 GROUPS = [cyclic(4), dihedral(4), cyclic(8), dihedral(8), cyclic(6), cyclic(12), dihedral(12), cyclic(16)]

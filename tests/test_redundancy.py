@@ -13,7 +13,8 @@ import kit.models.separable  # noqa: E402,F401
 from kit import models, redundancy as R  # noqa: E402
 from kit.groups import cyclic  # noqa: E402
 from kit.layers import GroupConv  # noqa: E402
-from kit.layers.separable import SE2, Sim2, LieGroupConv  # noqa: E402
+from kit.layers.separable import LieGroupConv  # noqa: E402
+from kit.lie import SE2, Sim2  # noqa: E402
 
 
 def test_rank1_kernel_has_explained_variance_one():

@@ -11,8 +11,8 @@ from kit import models
 from kit.equivariance import check, max_error
 from kit.fields import FieldType
 from kit.groups import disk_mask
-from kit.layers.separable import (LIFT_VARIANTS, SE2, SIREN, VARIANTS, LieGroupConv, LieLiftingConv, Sim2,
-                                  shared_grid_offset)
+from kit.layers.separable import LIFT_VARIANTS, SIREN, VARIANTS, LieGroupConv, LieLiftingConv, shared_grid_offset
+from kit.lie import SE2, Sim2
 
 TOL = 1e-5
 GRIDS = [SE2(4), SE2(8), Sim2(4, 3)]

@@ -19,7 +19,8 @@ import kit.separable_lab as lab  # noqa: E402
 from zoo_helpers import HAVE, needs, small_fonts  # noqa: E402
 from kit import models, zoo  # noqa: E402
 from kit.equivariance import check, float64_twin, max_error  # noqa: E402
-from kit.layers.separable import SE2, LieLiftingConv, Sim2  # noqa: E402
+from kit.layers.separable import LieLiftingConv  # noqa: E402
+from kit.lie import SE2, Sim2  # noqa: E402
 
 ZOO = (lab.SE2_MODEL, lab.SIM2_MODEL, lab.DSEP_MODEL)
 

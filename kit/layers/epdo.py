@@ -3,21 +3,9 @@ operators whose coefficients an equivariant pointwise MLP generates from the loc
 
 What is here
 ------------
-* **Representations** (built on :mod:`kit.groups`, so in the kit's one rotation direction):
-  :func:`quotient_rep` (C_n acting on the cosets of C_h), :func:`derivative_rep` (how the order-k
-  derivatives ``(dx^k, dx^(k-1) dy, ..., dy^k)`` of a rotated function transform),
-  :func:`pdo_rep` (orders 0..4, 15-dim), :func:`coefficient_rep` (its contragredient: how PDO
-  coefficients transform), :func:`direct_sum`, :func:`tensor_rep`, :func:`contragredient` and
-  :func:`field_rep` (``"regular"`` or the paper's ``"quotient"`` type, regular + quotient_4).
-* **The solver** :func:`intertwiner_basis`: a float64 basis of ``Hom_G(rho_in, rho_out) = {W :
-  rho_out(g) W = W rho_in(g)}``, orthonormal in the Frobenius inner product, cached per
-  (group, input rep, output rep) in process and, opt-in (``KIT_EPDO_DISK_CACHE=1`` or ``disk=True``),
-  on disk under ``.kit_cache/epdo`` (written atomically). When one side is a permutation
-  representation (regular, quotient, trivial: every case of the paper) the null space is obtained orbit by orbit (Frobenius reciprocity:
-  ``W e_(g.i0) = rho_out(g) w`` with ``w`` fixed by the stabiliser of ``i0``), which needs only tiny
-  ``d_out``-sized null spaces; otherwise the stacked constraint of the generators is solved densely
-  (SVD, explicit tolerance). The public code solves a 10240 x 5120 SVD at float32 tolerance for
-  D16 (minutes; and the rank is wrong in float64); here every basis of the D16 model takes < 1 s.
+* The representations it needs live in :mod:`kit.reps` (quotient, derivative, PDO and
+  coefficient representations, tensor products, duals, the field types); every equivariant map is
+  solved by :func:`kit.kernels.intertwiners.intertwiner_basis` (float64, orthonormal, cached).
 * :class:`EquivariantConv1x1` (pointwise equivariant channel mixing), :class:`LinearPDOConv` (the
   linear PDO-eConv of order 4 on 5x5 stencils, the lifting layer of the paper) and
   :class:`NeuralEPDOConv` (the Neural ePDO layer).
@@ -26,8 +14,8 @@ The math (kit conventions: ``(g.f)(x) = rho(g) f(A_g^-1 x)``, x right, y up)
 ------------------------------------------------------------------------------
 For ``f' = f o A^-1`` the chain rule gives ``grad f'(x) = A grad f(A^-1 x)`` (A orthogonal), so the
 vector ``U_k`` of order-k derivatives transforms as ``U_k' (x) = D_k(g) U_k(A^-1 x)`` with ``D_k(g)``
-the k-th symmetric power of ``A_g`` in the monomial basis (:func:`derivative_rep`; computed with
-:func:`kit.layers.pdo.substitution_matrix`, ``D(g) = T(A_g^T)``).
+the k-th symmetric power of ``A_g`` in the monomial basis (:func:`kit.reps.derivative_rep`; computed with
+:func:`kit.reps.substitution_matrix`, ``D(g) = T(A_g^T)``).
 
 * Linear PDO-eConv: ``y(x) = W U(x)`` with ``U = (d^a f_i)`` of type ``D (x) rho_in`` is equivariant
   iff ``rho_out(g) W = W (D(g) (x) rho_in(g))``; one basis per order k, discretised with the 15
@@ -35,7 +23,7 @@ the k-th symmetric power of ``A_g`` in the monomial basis (:func:`derivative_rep
 * Neural ePDO (depthwise, "diagonal" coefficients): ``y_c(x) = sum_a C[c, a](x) d^a f_c(x)`` for a
   permutation ``rho``. Writing the rotated derivatives out, ``y' = rho(g) y(A^-1 .)`` iff the
   generated coefficients transform as ``C' (x) = rho(g) C(A^-1 x) D(g)^-1``, i.e. the coefficient
-  field has type ``rho (x) D^-T`` (:func:`coefficient_rep`). The generator is therefore an
+  field has type ``rho (x) D^-T`` (:func:`kit.reps.coefficient_rep`). The generator is therefore an
   equivariant 1x1 map ``regular -> rho (x) D^-T``; the stencils are folded into its basis
   (``K = C S``, a ``d x 25`` stencil per generated field and pixel). On the pixel grid the 90-degree
   rotations and the mirrors map every stencil onto the stencil of the transformed operator
@@ -72,340 +60,25 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._io import atomic_write
 from ..fields import FieldType
-from ..groups import Group, Representation, cyclic, plane_coords, regular_rep
+from ..groups import Representation, cyclic, plane_coords
+from ..kernels.intertwiners import _VERSION, _cached, _gram_recombination, _layer_basis, intertwiner_basis
+from ..reps import MAX_ORDER, coefficient_rep, component_index, derivative_rep, field_rep, rep_key, tensor_rep
 from .base import EquivariantModule, KernelCache
 from .e4 import FieldGroupNorm, dynamic_aggregate
-from .pdo import substitution_matrix
 from .registry import fields_for, register_family
-from .stencils import METHODS, component_index, stencil_bank
+from .stencils import METHODS, stencil_bank
 
-__all__ = ["quotient_rep", "derivative_rep", "pdo_rep", "coefficient_rep", "direct_sum", "tensor_rep",
-           "contragredient", "field_rep", "rep_key", "intertwiner_basis", "hom_dimension", "solve_dense",
-           "cache_dir", "clear_cache", "pdo_stencil_matrix", "pdo_conv_basis", "generator_basis",
-           "EquivariantConv1x1", "LinearPDOConv", "NeuralEPDOConv", "centre_equivariance_error",
-           "MAX_ORDER", "N_OPS", "KERNEL_SIZE", "TOL", "DISK_CACHE"]
+__all__ = ["pdo_stencil_matrix", "pdo_conv_basis", "generator_basis", "EquivariantConv1x1", "LinearPDOConv",
+           "NeuralEPDOConv", "centre_equivariance_error", "N_OPS", "KERNEL_SIZE"]
 
-MAX_ORDER = 4                 # PDOs of order <= 4 ...
-N_OPS = 15                    # ... 1 + 2 + 3 + 4 + 5 monomials d^a
+N_OPS = 15                    # PDOs of order <= 4 (kit.reps.MAX_ORDER): 1 + 2 + 3 + 4 + 5 monomials d^a ...
 KERNEL_SIZE = 5               # ... discretised on 5x5 stencils
-TOL = 1e-8                    # relative singular-value threshold of the null spaces (float64)
-_VERSION = "epdo-v1"          # bump to invalidate the on-disk cache
-
-
-# =============================================================================== representations
-class _ProductRepresentation(Representation):
-    """A representation assembled from checked factors (tensor products / direct sums / duals).
-
-    The homomorphism property follows from the factors', so the O(|G|^2 d^3) re-check of
-    :class:`kit.groups.Representation` is skipped (it would take minutes for ``d = 480``)."""
-
-    def __init__(self, group: Group, name: str, matrices: torch.Tensor, key: str):
-        self.group, self.name, self.matrices = group, name, matrices
-        self.perm = _perm_of(matrices)
-        self._key = key
-
-
-def _perm_of(M: torch.Tensor):
-    ok = bool(((M == 0) | (M == 1)).all() and (M.sum(-1) == 1).all() and (M.sum(-2) == 1).all())
-    return M.argmax(-1) if ok else None
-
-
-def rep_key(rep: Representation) -> str:
-    """A content key for caching: group, name, dimension and a digest of the matrices."""
-    key = getattr(rep, "_key", None)
-    if key is None:
-        digest = hashlib.sha1(rep.matrices.contiguous().numpy().tobytes()).hexdigest()[:16]
-        key = f"{rep.group.name}:{rep.name}:{rep.dim}:{digest}"
-        rep._key = key
-    return key
-
-
-def _check_group(group):
-    if not isinstance(group, Group):
-        raise ValueError(f"expected a kit.groups.Group (cyclic(n) / dihedral(n)), got {group!r}")
-
-
-def quotient_rep(group: Group, subgroup: int) -> Representation:
-    """The permutation representation of C_n on the cosets of its subgroup C_h (``h = subgroup``),
-    dimension ``n / h``: the generator (rotation by 360/n degrees) shifts the cosets by one, the
-    rotations of C_h act trivially. ``quotient_rep(cyclic(16), 4)`` is the public code's ``quo_4``
-    (dimension 4; 90 degrees acts trivially)."""
-    _check_group(group)
-    if group.flip:
-        raise ValueError(f"quotient_rep is defined for cyclic groups only, got {group.name}")
-    if isinstance(subgroup, bool) or not isinstance(subgroup, int) or subgroup < 1 or group.n % subgroup:
-        raise ValueError(f"the subgroup order must be an int dividing n = {group.n}, got {subgroup!r}")
-    q = group.n // subgroup
-    M = torch.zeros(group.order, q, q, dtype=torch.float64)
-    for g in group.elements:                         # rho(k) e_j = e_(j + k mod q)
-        M[group.index(g), (torch.arange(q) + g.k) % q, torch.arange(q)] = 1.0
-    return Representation(group, f"quotient{subgroup}", M)
-
-
-def direct_sum(*reps: Representation, name: str | None = None) -> Representation:
-    """``rho_1 (+) rho_2 (+) ...``: block-diagonal matrices, field axis concatenated in order."""
-    if not reps:
-        raise ValueError("direct_sum needs at least one representation")
-    G = reps[0].group
-    if any(r.group != G for r in reps):
-        raise ValueError(f"direct_sum: all representations must belong to one group, got "
-                         f"{[r.group.name for r in reps]}")
-    M = torch.stack([torch.block_diag(*[r.matrices[i] for r in reps]) for i in range(G.order)])
-    return Representation(G, name or "+".join(r.name for r in reps), M)
-
-
-def tensor_rep(a: Representation, b: Representation, *, name: str | None = None) -> Representation:
-    """``a (x) b``: ``kron(a(g), b(g))``; index ``(i, j) -> i * dim(b) + j``."""
-    if a.group != b.group:
-        raise ValueError(f"tensor_rep: {a!r} and {b!r} belong to different groups")
-    M = torch.stack([torch.kron(a.matrices[i], b.matrices[i]) for i in range(a.group.order)])
-    nm = name or f"({a.name})x({b.name})"
-    return _ProductRepresentation(a.group, nm, M, f"tensor[{rep_key(a)}|{rep_key(b)}]")
-
-
-def contragredient(rep: Representation) -> Representation:
-    """The dual ``rho*(g) = rho(g^-1)^T`` (equal to ``rho`` for orthogonal, e.g. permutation, reps)."""
-    G = rep.group
-    inv = torch.tensor([G.index(G.inverse(g)) for g in G.elements])
-    return _ProductRepresentation(G, f"({rep.name})*", rep.matrices[inv].transpose(-1, -2).contiguous(),
-                                  f"dual[{rep_key(rep)}]")
-
-
-_REP_CACHE: dict = {}
-
-
-def _cached_rep(key, build):
-    if key not in _REP_CACHE:
-        _REP_CACHE[key] = build()
-    return _REP_CACHE[key]
-
-
-def pdo_rep(group: Group, max_order: int = MAX_ORDER) -> Representation:
-    """How the derivatives ``U = (d^a f)``, ``|a| <= max_order`` (kit component order, 15-dim for
-    order 4) of a rotated scalar function transform: ``U_{g.f}(x) = D(g) U_f(A_g^-1 x)``.
-    Block-diagonal by order; ``D(g) = T(A_g^T)`` with :func:`kit.layers.pdo.substitution_matrix`."""
-    _check_group(group)
-
-    def build():
-        M = torch.stack([substitution_matrix(group.matrix(g).T, max_order) for g in group.elements])
-        M = torch.where(M.abs() < 1e-14, torch.zeros_like(M), M)        # exact zeros on 90-degree elements
-        return Representation(group, f"derivatives<={max_order}", M)
-    return _cached_rep(("pdo", group, max_order), build)
-
-
-def derivative_rep(group: Group, order: int) -> Representation:
-    """The order-k block of :func:`pdo_rep`: ``(dx^k, dx^(k-1) dy, ..., dy^k)``, dimension k+1."""
-    if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
-        raise ValueError(f"derivative order must be an int in 0..{MAX_ORDER}, got {order!r}")
-
-    def build():
-        full = pdo_rep(group, MAX_ORDER).matrices
-        s = component_index(order, 0)
-        return Representation(group, f"derivatives{order}", full[:, s:s + order + 1, s:s + order + 1].clone())
-    return _cached_rep(("der", group, order), build)
-
-
-def coefficient_rep(group: Group, max_order: int = MAX_ORDER) -> Representation:
-    """How PDO coefficients transform: ``D^-T``, the contragredient of :func:`pdo_rep`. Coefficients
-    ``c' = D(g)^-T c`` applied to the transformed derivatives ``U' = D(g) U`` give the same value,
-    ``c' . U' = c . U``: the operator moves with the field."""
-    return _cached_rep(("coef", group, max_order), lambda: contragredient(pdo_rep(group, max_order)))
-
-
-def field_rep(group: Group, kind: str = "regular") -> Representation:
-    """The field types of the paper: ``"regular"`` (C_n or D_n) or ``"quotient"`` = regular (+)
-    quotient_4 of C_n (16 + 4 = 20 dimensions for C16; the public code's Q model)."""
-    _check_group(group)
-    if kind == "regular":
-        return _cached_rep(("regular", group), lambda: regular_rep(group))
-    if kind == "quotient":
-        if group.flip or group.n % 4:
-            raise ValueError(f"the quotient field type needs C_n with 4 | n, got {group.name}")
-        return _cached_rep(("quotient", group), lambda: direct_sum(regular_rep(group), quotient_rep(group, 4),
-                                                                   name="regular+quotient4"))
-    raise ValueError(f"unknown field kind {kind!r}; expected 'regular' or 'quotient'")
-
-
-# ===================================================================================== the solver
-def _generators(G: Group) -> list[int]:
-    gens = [G.index(G.element(1))]
-    if G.flip:
-        gens.append(G.index(G.element(0, 1)))
-    return gens
-
-
-def _null_space(A: torch.Tensor, tol: float = TOL) -> torch.Tensor:
-    """Orthonormal basis (columns) of the null space of ``A`` (float64), relative tolerance ``tol``."""
-    n = A.shape[1]
-    if A.shape[0] == 0:
-        return torch.eye(n, dtype=torch.float64)
-    _, s, Vh = torch.linalg.svd(A, full_matrices=True)
-    smax = s.max().item() if s.numel() else 0.0
-    rank = int((s > tol * max(smax, 1.0)).sum())
-    return Vh[rank:].T.contiguous()
-
-
-def _orbit_solve(perm_in: torch.Tensor, M_out: torch.Tensor, tol: float) -> torch.Tensor:
-    """``Hom(rho_in, rho_out)`` for a permutation ``rho_in`` given by gather indices
-    ``perm_in (|G|, d_in)``: orbit by orbit, ``W e_(g.i0) = rho_out(g) w``, ``w`` fixed by Stab(i0)."""
-    nG, d_in = perm_in.shape
-    d_out = M_out.shape[-1]
-    act = torch.empty_like(perm_in)                  # rho_in(g) e_i = e_(act[g, i])
-    act.scatter_(1, perm_in, torch.arange(d_in).expand(nG, d_in).contiguous())
-    seen = torch.zeros(d_in, dtype=torch.bool)
-    blocks = []
-    eye = torch.eye(d_out, dtype=torch.float64)
-    for i0 in range(d_in):
-        if seen[i0]:
-            continue
-        targets = act[:, i0]                                           # (|G|,) where g sends i0
-        orbit = torch.unique(targets)
-        seen[orbit] = True
-        first = torch.tensor([int((targets == i).nonzero()[0]) for i in orbit])   # g_i with g_i . i0 = i
-        stab = (targets == i0).nonzero().flatten()
-        if len(stab) == 1:                                              # free orbit: all of rho_out
-            cols = M_out[first]                                         # (|orbit|, d_out, d_out)
-        else:
-            Fx = _null_space((M_out[stab] - eye).reshape(-1, d_out), tol)        # (d_out, nF)
-            if Fx.shape[1] == 0:
-                continue
-            cols = M_out[first] @ Fx                                    # (|orbit|, d_out, nF)
-        B = torch.zeros(cols.shape[2], d_out, d_in, dtype=torch.float64)
-        B[:, :, orbit] = cols.permute(2, 1, 0)
-        blocks.append(B)
-    if not blocks:
-        return torch.zeros(0, d_out, d_in, dtype=torch.float64)
-    return torch.cat(blocks)
-
-
-def solve_dense(rho_in: Representation, rho_out: Representation, tol: float = TOL) -> torch.Tensor:
-    """The plain solver: null space of the stacked constraint ``W rho_in(g) - rho_out(g) W = 0``
-    over the generators (SVD, float64). ``(n, d_out, d_in)``, Frobenius-orthonormal. Memory and time
-    grow like ``(d_in d_out)^2`` / ``^3``: for small representations (tests, cross-checks)."""
-    G = rho_in.group
-    di, do = rho_in.dim, rho_out.dim
-    Ii, Io = torch.eye(di, dtype=torch.float64), torch.eye(do, dtype=torch.float64)
-    # row-major vec(W): vec(W A) = kron(I, A^T) vec(W), vec(A W) = kron(A, I) vec(W)
-    A = torch.cat([torch.kron(Io, rho_in.matrices[g].T.contiguous()) - torch.kron(rho_out.matrices[g], Ii)
-                   for g in _generators(G)])
-    N = _null_space(A, tol)                                             # (do*di, n)
-    return N.T.reshape(-1, do, di).contiguous()
-
-
-def _gram_recombination(gram: torch.Tensor) -> torch.Tensor:
-    """``T (n, n)`` with ``T B`` orthonormal for a basis ``B`` of Gram matrix ``gram = B B^T``:
-    ``T = R^-T`` with ``R`` the Cholesky factor (the ``R`` of a QR of ``B^T``)."""
-    L = torch.linalg.cholesky(gram)                                     # gram = L L^T, R = L^T
-    return torch.linalg.solve_triangular(L, torch.eye(L.shape[0], dtype=L.dtype), upper=False)
-
-
-def _orthonormalise(B: torch.Tensor) -> torch.Tensor:
-    if B.shape[0] == 0:
-        return B
-    flat = B.reshape(B.shape[0], -1)
-    return (_gram_recombination(flat @ flat.T) @ flat).reshape(B.shape).contiguous()
-
-
-def _solve(rho_in: Representation, rho_out: Representation, tol: float, orthonormal: bool = True) -> torch.Tensor:
-    if rho_in.perm is not None:
-        B = _orbit_solve(rho_in.perm, rho_out.matrices, tol)
-    elif rho_out.perm is not None:                  # W^T in Hom(rho_out*, rho_in*), rho_out* = rho_out
-        B = _orbit_solve(rho_out.perm, contragredient(rho_in).matrices, tol).transpose(1, 2)
-    else:
-        return solve_dense(rho_in, rho_out, tol)
-    return _orthonormalise(B) if orthonormal else B.contiguous()
-
-
-_MEM: dict = {}
-#: opt-in (env ``KIT_EPDO_DISK_CACHE=1``): every basis of the paper's models solves in < 2 s cold, and
-#: the D16 generator basis alone is 59 MB on disk, so the in-process cache is the default.
-DISK_CACHE = os.environ.get("KIT_EPDO_DISK_CACHE", "0").lower() in ("1", "on", "true", "yes")
-
-
-def cache_dir() -> Path:
-    """``$KIT_CACHE_DIR/epdo`` if set, else ``<repo>/.kit_cache/epdo`` (ignored by git)."""
-    root = os.environ.get("KIT_CACHE_DIR")
-    base = Path(root) if root else Path(__file__).resolve().parents[2] / ".kit_cache"
-    return base / "epdo"
-
-
-def clear_cache(*, disk: bool = False) -> None:
-    """Empty the in-process caches (and the on-disk one when ``disk``)."""
-    _MEM.clear()
-    _LAYER_BASES.clear()
-    if disk and cache_dir().is_dir():
-        for p in cache_dir().glob("*.pt"):
-            p.unlink(missing_ok=True)
-
-
-def _disk_load(path: Path, shape_tail):
-    try:
-        B = torch.load(path, weights_only=True)
-        if isinstance(B, torch.Tensor) and B.dtype == torch.float64 \
-                and tuple(B.shape[1:]) == tuple(shape_tail):
-            return B
-    except Exception:                                # corrupt / foreign file: recompute
-        pass
-    return None
-
-
-def _disk_save(path: Path, B: torch.Tensor) -> None:
-    try:
-        atomic_write(path, lambda fh: torch.save(B, fh))   # readers see the old file or the new one
-    except OSError:                                        # read-only checkout: the cache is optional
-        pass
-
-
-def _cached(key: str, build, shape_tail, disk: bool | None):
-    """In-process cache, then the on-disk one (atomic writes), then ``build()``."""
-    B = _MEM.get(key)
-    if B is not None:
-        return B
-    use_disk = DISK_CACHE if disk is None else disk
-    path = cache_dir() / (hashlib.sha1(key.encode()).hexdigest() + ".pt")
-    if use_disk and path.is_file():
-        B = _disk_load(path, shape_tail)
-    if B is None:
-        B = build()
-        if use_disk:
-            _disk_save(path, B)
-    _MEM[key] = B
-    return B
-
-
-def intertwiner_basis(rho_in: Representation, rho_out: Representation, *, disk: bool | None = None,
-                      tol: float = TOL, orthonormal: bool = True) -> torch.Tensor:
-    """Float64 basis ``(n, d_out, d_in)`` of ``{W : rho_out(g) W = W rho_in(g) for all g}``,
-    orthonormal in the Frobenius inner product (unless ``orthonormal=False``: then the raw orbit
-    basis). Cached per (group, rho_in, rho_out): in process, and on disk (``disk=None``: the module
-    setting :data:`DISK_CACHE`, env ``KIT_EPDO_DISK_CACHE``; directory :func:`cache_dir`).
-    Returns a tensor shared with the cache: do not modify it in place."""
-    for r in (rho_in, rho_out):
-        if not isinstance(r, Representation):
-            raise ValueError(f"expected kit.groups.Representation objects, got {r!r}")
-    if rho_in.group != rho_out.group:
-        raise ValueError(f"{rho_in!r} and {rho_out!r} belong to different groups")
-    key = f"{_VERSION}|hom|{tol:g}|{int(orthonormal)}|{rep_key(rho_in)}|{rep_key(rho_out)}"
-    return _cached(key, lambda: _solve(rho_in, rho_out, tol, orthonormal), (rho_out.dim, rho_in.dim), disk)
-
-
-def hom_dimension(rho_in: Representation, rho_out: Representation) -> int:
-    """``dim Hom_G(rho_in, rho_out)`` from the characters, ``(1/|G|) sum_g chi_in(g^-1) chi_out(g)``
-    (an independent check of the solver)."""
-    G = rho_in.group
-    inv = [G.index(G.inverse(g)) for g in G.elements]
-    chi_in = torch.diagonal(rho_in.matrices, dim1=-2, dim2=-1).sum(-1)[inv]
-    chi_out = torch.diagonal(rho_out.matrices, dim1=-2, dim2=-1).sum(-1)
-    return int(round(float((chi_in * chi_out).sum()) / G.order))
 
 
 # ===================================================================================== stencils
@@ -425,15 +98,6 @@ def pdo_stencil_matrix(method: str = "fd", stencil_kw: dict | None = None,
     kw = dict(stencil_kw or {})
     S = stencil_bank(MAX_ORDER, method, KERNEL_SIZE, **kw).reshape(N_OPS, -1)
     return S, f"{method}:{sorted(kw.items())}:" + hashlib.sha1(S.numpy().tobytes()).hexdigest()[:16]
-
-
-_LAYER_BASES: dict = {}
-
-
-def _layer_basis(key, build):
-    if key not in _LAYER_BASES:
-        _LAYER_BASES[key] = build()
-    return _LAYER_BASES[key]
 
 
 def _order_slices():

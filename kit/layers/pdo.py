@@ -14,7 +14,7 @@ group-shifted output, ``Psi(pi_B f)(x, g) = Psi f(B^-1 x, B^-1 g)``: the regular
 ``Phi e(x, g) = sum_h P_{g^-1 h}(A_g^T D) e(., h)(x)``, equivariant by the same substitution.
 ``P(A^T D)`` is obtained **analytically**: ``dx -> A00 dx + A10 dy``, ``dy -> A01 dx + A11 dy``
 (for a rotation by t: ``dx -> c dx + s dy``, ``dy -> -s dx + c dy``), expanded exactly
-(:func:`substitution_matrix`). The learnable family is the paper's 9 monomials ``dx^i dy^j`` with
+(:func:`kit.reps.substitution_matrix`). The learnable family is the paper's 9 monomials ``dx^i dy^j`` with
 ``i, j <= 2`` (total order <= 4), so the rotated operator needs every derivative up to order 4 and
 is discretised on 5x5 stencils by any of the three families of :mod:`kit.layers.stencils`
 (``"fd"``: the paper's second-order central differences; ``"gauss"``; ``"rbffd"``).
@@ -54,43 +54,18 @@ import torch.nn as nn
 
 from ..fields import FieldType
 from ..groups import Group, cyclic, plane_coords, rotation_matrix
+from ..reps import component_index, components, substitution_matrix
 from .base import EquivariantModule, KernelCache, field_conv2d
 from .registry import fields_for, register_family
-from .stencils import METHODS, component_index, components, stencil, stencil_bank
+from .stencils import METHODS, stencil, stencil_bank
 
-__all__ = ["PDOLiftingConv", "PDOGroupConv", "LEARNABLE", "substitution_matrix", "fd_monomial_matrix",
+__all__ = ["PDOLiftingConv", "PDOGroupConv", "LEARNABLE", "fd_monomial_matrix",
            "pdo_basis", "refinement_study"]
 
 #: the paper's 9 learnable monomials ``dx^i dy^j`` (i, j <= 2), in the kit's component order
 LEARNABLE: list[tuple[int, int]] = [c for c in components(4) if max(c) <= 2]
 _LEARN_IDX = [component_index(i, j) for i, j in LEARNABLE]      # [0, 1, 2, 3, 4, 5, 7, 8, 12]
 KERNEL_SIZE = 5
-
-
-def substitution_matrix(A, max_order: int = 4) -> torch.Tensor:
-    """``T (n, n)`` float64 with ``coeffs(P(A^T D)) = coeffs(P(D)) @ T`` in the
-    :func:`kit.layers.stencils.components` basis (``n = (max_order+1)(max_order+2)/2``).
-
-    Row ``p`` holds the expansion of the monomial ``dx^i dy^j`` under ``dx -> A00 dx + A10 dy``,
-    ``dy -> A01 dx + A11 dy``. Block-diagonal by total order.
-    """
-    A = np.asarray(torch.as_tensor(A, dtype=torch.float64))
-    if A.shape != (2, 2):
-        raise ValueError(f"expected a 2x2 matrix, got shape {A.shape}")
-    comps = components(max_order)
-    T = np.zeros((len(comps), len(comps)))
-    # a homogeneous polynomial of degree k in (dx, dy) = array of length k+1 indexed by the dy power
-    sx, sy = np.array([A[0, 0], A[1, 0]]), np.array([A[0, 1], A[1, 1]])
-    for p, (i, j) in enumerate(comps):
-        poly = np.ones(1)
-        for _ in range(i):
-            poly = np.convolve(poly, sx)
-        for _ in range(j):
-            poly = np.convolve(poly, sy)
-        k = i + j
-        for m, v in enumerate(poly):                  # m = power of dy, k - m = power of dx
-            T[p, component_index(k - m, m)] = v
-    return torch.from_numpy(T)
 
 
 @lru_cache(maxsize=None)

@@ -75,40 +75,15 @@ import numpy as np
 import torch
 
 from ..groups import kernel_offsets
+from ..reps import MAX_ORDER, _check_order, component_name, components
 
-__all__ = ["METHODS", "DEFAULT_SIGMA", "components", "component_index", "component_name", "stencil",
-           "stencil_bank", "fd_1d", "offsets", "gaussian_derivative"]
+__all__ = ["METHODS", "DEFAULT_SIGMA", "stencil", "stencil_bank", "fd_1d", "offsets", "gaussian_derivative"]
 
 METHODS = ("fd", "gauss", "rbffd")
 DEFAULT_SIGMA = 1.0 / (0.99 * math.sqrt(2.0))      # Gaussian width (pixels) of the Neural ePDO code
-MAX_ORDER = 4
 
 
-# ------------------------------------------------------------------------- components
-def components(max_order: int) -> list[tuple[int, int]]:
-    """``[(i, j), ...]`` for all ``d^i_x d^j_y`` with ``i + j <= max_order``, in the kit's order."""
-    _check_order(max_order, "max_order")
-    return [(k - j, j) for k in range(max_order + 1) for j in range(k + 1)]
-
-
-def component_index(i: int, j: int) -> int:
-    """Position of ``d^i_x d^j_y`` in :func:`components`: ``(i+j)(i+j+1)/2 + j``."""
-    if i < 0 or j < 0:
-        raise ValueError(f"derivative orders must be >= 0, got (i, j) = ({i}, {j})")
-    k = i + j
-    return k * (k + 1) // 2 + j
-
-
-def component_name(i: int, j: int) -> str:
-    """``'1'``, ``'dx'``, ``'dxxy'``, ... (for tables and plots)."""
-    return "1" if i + j == 0 else "d" + "x" * i + "y" * j
-
-
-def _check_order(order, what):
-    if isinstance(order, bool) or not isinstance(order, int) or not 0 <= order <= MAX_ORDER:
-        raise ValueError(f"{what} must be an int in 0..{MAX_ORDER}, got {order!r}")
-
-
+# ------------------------------------------------------------------------- offsets
 def offsets(size: int) -> np.ndarray:
     """``(size*size, 2)`` planar offsets ``(x, y)`` of the kernel taps in row-major order
     (row 0 = top, ``y = size//2``; column 0 = left, ``x = -size//2``)."""

@@ -54,7 +54,8 @@ import torch.nn.functional as F
 from ..fields import FieldType
 from ..groups import Group, cyclic, dihedral
 from ..layers.base import EquivariantModule, EquivariantSequential, FieldReLU, GroupBatchNorm, SpatialPool
-from ..layers.epdo import LinearPDOConv, NeuralEPDOConv, field_rep
+from ..layers.epdo import LinearPDOConv, NeuralEPDOConv
+from ..reps import field_rep
 from . import register_model
 
 __all__ = ["NeuralEPDONet", "RestrictToRotations", "PairedBatchNorm", "FieldDropout2d", "EPDOHead"]

@@ -25,7 +25,8 @@ import torch.nn as nn
 
 from ..fields import FieldType
 from ..layers import EquivariantModule, FieldReLU, GroupBatchNorm, SpatialPool
-from ..layers.separable import SE2, LieGrid, LieGroupConv, LieLiftingConv, Sim2, shared_grid_offset
+from ..layers.separable import LieGroupConv, LieLiftingConv, shared_grid_offset
+from ..lie import SE2, LieGrid, Sim2
 from . import register_model
 
 __all__ = ["SepResBlock", "MaxMLPHead", "SepGResNet"]
@@ -75,7 +76,7 @@ class MaxMLPHead(EquivariantModule):
 
 
 class SepGResNet(EquivariantModule):
-    """The reference's CK-G-ResNet on a :class:`~kit.layers.separable.LieGrid` (see module docstring)."""
+    """The reference's CK-G-ResNet on a :class:`~kit.lie.LieGrid` (see module docstring)."""
 
     def __init__(self, *, grid: LieGrid, variant: str = "separable", widths=(32, 32, 64), kernel_size: int = 7,
                  in_channels: int = 1, num_classes: int = 10, input_size: int = 28, hidden: int = 64,
