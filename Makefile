@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	@echo ">>> installing eqkit and its dependencies into $(VENV) (first time: a few minutes)"
 	$(PY) -m pip install -e ".[test]"
 	@echo ">>> building the fused C++ aggregation of E4 / Neural ePDO (once, about a minute)"
-	$(PY) -c "from kit.layers.e4 import fused_extension as f; print('fused aggregation:', 'built' if f() else 'unavailable, the tap loop is used')"
+	$(PY) -c "from kit.kernels.aggregate import fused_extension as f; print('fused aggregation:', 'built' if f() else 'unavailable, the tap loop is used')"
 	@touch $@
 
 install: $(STAMP)

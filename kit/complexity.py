@@ -46,7 +46,8 @@ from .groups import Group, cyclic, dihedral
 from .layers.base import EquivariantModule
 from ._io import atomic_write_text
 from .timing import alternated, memory_profile, peak_memory, stats, timed
-from .layers.e4 import E4Conv, dynamic_aggregate, dynamic_aggregate_unfold
+from .kernels.aggregate import dynamic_aggregate, dynamic_aggregate_unfold
+from .layers.e4 import E4Conv
 from .layers.gconv import GroupConv
 
 __all__ = ["step_profile", "step_profile_markdown", "training_step_ratio", "Cost", "count_macs", "aggregation_seen_by_counter", "cost_table", "cost_markdown", "cost_ratios",

@@ -19,7 +19,8 @@ matplotlib.use("Agg")
 from kit import complexity as cx  # noqa: E402
 from kit import models  # noqa: E402
 from kit.groups import cyclic, dihedral  # noqa: E402
-from kit.layers.e4 import E4Conv, dynamic_aggregate, dynamic_aggregate_unfold  # noqa: E402
+from kit.kernels.aggregate import dynamic_aggregate, dynamic_aggregate_unfold  # noqa: E402
+from kit.layers.e4 import E4Conv  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_fused_aggregation_equals_the_tap_loop_reference():
     """The C++ aggregation (the default on CPU) against the tap loop, float64 to 1e-12, forward and
     both gradients, on the strided kernel layout E4 generates and on plain contiguous inputs."""
     import shutil
-    from kit.layers.e4 import dynamic_aggregate_taps, fused_extension
+    from kit.kernels.aggregate import dynamic_aggregate_taps, fused_extension
     if shutil.which("c++") or shutil.which("g++"):
         assert fused_extension() is not None, "a C++ compiler is here, the fused aggregation must build"
     else:

@@ -16,7 +16,7 @@ from ..fields import FieldType
 from ..groups import Group
 
 __all__ = ["EquivariantModule", "KernelCache", "EquivariantSequential", "FieldReLU", "GroupBatchNorm",
-           "GroupPool", "SpatialPool", "InvariantHead", "steering_matrices", "field_conv2d"]
+           "GroupPool", "SpatialPool", "InvariantHead", "field_conv2d"]
 
 
 class EquivariantModule(nn.Module):
@@ -77,19 +77,6 @@ class KernelCache:
     def _apply(self, fn, *args, **kwargs):
         self._kernel_cache = None
         return super()._apply(fn, *args, **kwargs)
-
-
-def steering_matrices(group: Group, kernel_size: int, *, mode: str = "bilinear") -> torch.Tensor:
-    """``S[g] (k*k, k*k)`` with ``S[g] @ vec(K) = vec(g . K)`` for every element (float64).
-
-    Built by acting with :meth:`Group.act_on_image` on the one-hot basis kernels, so kernels are
-    transformed with exactly the convention images are: permutation matrices for multiples of
-    90 degrees and mirrors, interpolation weights otherwise.
-    """
-    kk = kernel_size * kernel_size
-    basis = torch.eye(kk, dtype=torch.float64).reshape(kk, kernel_size, kernel_size)
-    return torch.stack([group.act_on_image(basis, g, mode=mode).reshape(kk, kk).T
-                        for g in group.elements])                           # (G, kk, kk)
 
 
 def field_conv2d(x: torch.Tensor, in_type: FieldType, out_type: FieldType, filt: torch.Tensor,

@@ -26,7 +26,7 @@ Implementation notes
 * The steering is a permutation of the K*K taps per orientation and the generator's last map is
   linear, so the layer steers the *generator's weights* (tiny, ``(S, |G|, K*K, C_hidden)``) instead
   of the generated kernels (``B x S x |G| x K*K x H x W``); the result is identical. The permutation
-  comes from :func:`kit.layers.base.steering_matrices`, i.e. from the kit's one rotation convention.
+  comes from :func:`kit.kernels.steering.steering_matrices`, i.e. from the kit's one rotation convention.
 * GroupNorm: one group per regular field, normalised over (|G|, H, W) of each sample. Its affine is
   **per field** by default (exactly equivariant whatever the values); ``affine="per_channel"``
   reproduces the official code (one affine pair per field *and* orientation: equivariant only while
@@ -36,47 +36,43 @@ Implementation notes
   field; ``2 |G| in/r`` per channel) + ``(in/r + 1) S K^2`` (generator linear + bias).
 * Memory: the aggregation is a loop over the ``K^2`` taps that multiplies each shifted view of the
   zero-padded encoder output by that tap's kernel plane and accumulates in place
-  (:func:`dynamic_aggregate`, with its own backward). The official code unfolds the encoder output
+  (:func:`kit.kernels.aggregate.dynamic_aggregate`, with its own backward). The official code unfolds the encoder output
   instead (``K^2`` times its size) and multiplies the unfolding by the broadcast kernels (another
   ``K^2`` copies), and autograd keeps the unfolding for the backward. The tap loop materialises
   nothing larger than the padded encoder output and the kernels (which every formulation needs)
   and saves only those two for the backward. It computes the same products and sums (equal to the
   unfold formulation up to float rounding, tested in float64); the generator lays the kernels out
-  tap-major so that each tap is read as whole ``H x W`` planes. :func:`dynamic_aggregate_unfold`
+  tap-major so that each tap is read as whole ``H x W`` planes. :func:`kit.kernels.aggregate.dynamic_aggregate_unfold`
   keeps the unfold formulation as a reference (tests, before/after measurements in
   :mod:`kit.complexity`). Measured on one CPU thread against the unfold version: the layer's
   forward+backward 2.6x (K=3, CIFAR stage) and 4.7x (K=5, MNIST-rot) faster; the aggregation keeps
   4-11x less memory for the backward (figures/e4_speed.md).
-* **Fused aggregation (CPU).** :func:`dynamic_aggregate` runs a small C++ extension
-  (``kit/layers/csrc/aggregate.cpp``, built once with ``torch.utils.cpp_extension`` into torch's
+* **Fused aggregation (CPU).** :func:`kit.kernels.aggregate.dynamic_aggregate` runs a small C++ extension
+  (``kit/kernels/csrc/aggregate.cpp``, built once with ``torch.utils.cpp_extension`` into torch's
   extension cache; ``make install`` builds it): one task per (image, slice, orientation) plane, whose
   ``K^2`` kernel planes and channel planes stay in cache while every tap is applied, forward and both
-  backward products. The tap loop (:func:`dynamic_aggregate_taps`) stays the reference (tests: equal
+  backward products. The tap loop (:func:`kit.kernels.aggregate.dynamic_aggregate_taps`) stays the reference (tests: equal
   to 1e-12 in float64) and the fallback (GPU tensors, no compiler, ``EQKIT_FUSED=0``).
 * Cost of the dynamic aggregation: ``out |G| K^2 H W`` MACs per image (:meth:`E4Conv.aggregation_macs`),
   which standard conv FLOP counters do not see.
 """
 from __future__ import annotations
 
-import functools
 import math
-import os
-import warnings
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._compat import is_compiling
 from ..fields import FieldType
 from ..groups import Group, cyclic
-from .base import EquivariantModule, KernelCache, steering_matrices
+from ..kernels.aggregate import dynamic_aggregate
+from ..kernels.steering import steering_matrices
+from .base import EquivariantModule, KernelCache
 from .gconv import GroupConv, LiftingConv
 from .registry import fields_for, register_family
 
-__all__ = ["E4Conv", "FieldGroupNorm", "AFFINE_MODES", "dynamic_aggregate", "dynamic_aggregate_taps",
-           "dynamic_aggregate_unfold", "dynamic_aggregate_functional", "fused_extension"]
+__all__ = ["E4Conv", "FieldGroupNorm", "AFFINE_MODES"]
 
 AFFINE_MODES = ("per_field", "per_channel", None)
 
@@ -249,173 +245,6 @@ class E4Conv(KernelCache, EquivariantModule):
         return (f"{self.in_type} -> {self.out_type}, kernel_size={self.kernel_size}, reduction={self.reduction}, "
                 f"channels_per_slice={self.channels_per_slice} (slices={self.slices}, hidden={self.hidden}), "
                 f"affine={self.norm.affine!r}")
-
-
-# ------------------------------------------------------------------------------ aggregation
-def _shapes(v: torch.Tensor, kern: torch.Tensor):
-    B, C, G, H, W = v.shape
-    S, KK = kern.shape[1], kern.shape[3]
-    K = math.isqrt(KK)
-    if kern.dim() != 6 or K * K != KK or K % 2 == 0 or kern.shape[0] != B or kern.shape[2] != G \
-            or tuple(kern.shape[-2:]) != (H, W) or C % S:
-        raise ValueError(f"dynamic aggregation needs v (B, C, G, H, W) and kernels (B, S, G, K*K, H, W) with "
-                         f"odd K and S dividing C; got {tuple(v.shape)} and {tuple(kern.shape)}")
-    return B, C, G, H, W, S, C // S, K
-
-
-def _tap(t: int, K: int, H: int, W: int):
-    """Tap ``t`` (row-major in the KxK window) as a slice of the padded map: rows, columns."""
-    i, j = divmod(t, K)
-    return slice(i, i + H), slice(j, j + W)
-
-
-class _DynamicAggregation(torch.autograd.Function):
-    """``y[b, s, c, g, x] = sum_t kern[b, s, g, t, x] * v[b, s, c, g, x + t]`` by a loop over taps.
-
-    Fastest when every tap of ``kern`` is made of whole contiguous ``H x W`` planes (the layout
-    :meth:`E4Conv.generate_kernels` returns); any layout is correct. The kernel gradient is written
-    in the kernels' own layout.
-    """
-
-    @staticmethod
-    def forward(ctx, v, kern):
-        B, C, G, H, W, S, cps, K = _shapes(v, kern)
-        p = K // 2
-        vp = F.pad(v, (p, p, p, p)).view(B, S, cps, G, H + 2 * p, W + 2 * p)       # zero "same" padding
-        kt = kern.permute(3, 0, 1, 2, 4, 5)                                        # (KK, B, S, G, H, W) view
-        y = torch.empty(B, S, cps, G, H, W, dtype=v.dtype, device=v.device)
-        r, c = _tap(0, K, H, W)
-        torch.mul(kt[0].unsqueeze(2), vp[..., r, c], out=y)
-        for t in range(1, K * K):
-            r, c = _tap(t, K, H, W)
-            y.addcmul_(kt[t].unsqueeze(2), vp[..., r, c])                          # (B, S, cps, G, H, W)
-        ctx.save_for_backward(vp, kern)
-        return y.view(B, C, G, H, W)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        vp, kern = ctx.saved_tensors
-        kt = kern.permute(3, 0, 1, 2, 4, 5)                                        # (KK, B, S, G, H, W) view
-        B, S, cps, G, Hp, Wp = vp.shape
-        K = math.isqrt(kt.shape[0])
-        p = K // 2
-        H, W = Hp - 2 * p, Wp - 2 * p
-        gy = gy.reshape(B, S, cps, G, H, W)
-        gv = gk = None
-        if ctx.needs_input_grad[0]:                        # scatter every tap back: grad_v(x + t) += k_t(x) gy(x)
-            gvp = torch.zeros_like(vp)
-            for t in range(K * K):
-                r, c = _tap(t, K, H, W)
-                gvp[..., r, c].addcmul_(gy, kt[t].unsqueeze(2))
-            gv = gvp[..., p:p + H, p:p + W].reshape(B, S * cps, G, H, W)
-        if ctx.needs_input_grad[1]:                        # grad_k_t(x) = sum over the slice's channels
-            gk = torch.empty_like(kern)                    # the kernels' own memory layout: no copy upstream
-            gkt = gk.permute(3, 0, 1, 2, 4, 5)                                     # (KK, B, S, G, H, W) view
-            for t in range(K * K):
-                r, c = _tap(t, K, H, W)
-                vt = vp[..., r, c]                                                 # (B, S, cps, G, H, W)
-                # one thread: in-place multiply-adds over the slice's channels (no temporaries, fastest);
-                # several threads: fewer, larger ops (each op is a parallel region with its own barrier)
-                if cps <= 2 or (cps <= 16 and torch.get_num_threads() == 1):
-                    torch.mul(gy[:, :, 0], vt[:, :, 0], out=gkt[t])
-                    for i in range(1, cps):
-                        gkt[t].addcmul_(gy[:, :, i], vt[:, :, i])
-                else:
-                    torch.sum(gy * vt, dim=2, out=gkt[t])
-        return gv, gk
-
-
-@functools.lru_cache(maxsize=1)
-def fused_extension():
-    """The compiled fused aggregation (``kit/layers/csrc/aggregate.cpp``), built on first use into
-    torch's extension cache (``TORCH_EXTENSIONS_DIR``; about a minute, once), or ``None`` where it
-    cannot be built (a warning says why) or ``EQKIT_FUSED=0``."""
-    if os.environ.get("EQKIT_FUSED", "1") == "0":
-        return None
-    try:
-        from torch.utils.cpp_extension import load
-        src = Path(__file__).resolve().parent / "csrc" / "aggregate.cpp"
-        return load(name="eqkit_aggregate", sources=[str(src)], extra_cflags=["-O3", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
-    except Exception as e:  # noqa: BLE001 -- any build failure falls back to the tap loop
-        warnings.warn(f"eqkit: the fused dynamic aggregation could not be built ({type(e).__name__}: "
-                      f"{str(e).strip().splitlines()[-1][:200] if str(e).strip() else ''}); using the tap loop "
-                      f"(correct, slower). Install a C++ compiler and `pip install ninja` to enable it.")
-        return None
-
-
-class _FusedAggregation(torch.autograd.Function):
-    """:class:`_DynamicAggregation` through the C++ extension (same products, same tap order)."""
-
-    @staticmethod
-    def forward(ctx, v, kern):
-        B, C, G, H, W, S, cps, K = _shapes(v, kern)
-        v6 = v.reshape(B, S, cps, G, H, W)
-        if v6.stride(-1) != 1:
-            v6 = v6.contiguous()
-        if kern.stride(-1) != 1 or torch.empty_like(kern).stride() != kern.stride():
-            kern = kern.contiguous()                # (a sliced view: its gradient needs a dense layout)
-        ctx.save_for_backward(v6, kern)
-        return fused_extension().forward(v6, kern).view(B, C, G, H, W)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        v6, kern = ctx.saved_tensors
-        B, S, cps, G, H, W = v6.shape
-        gv, gk = fused_extension().backward(v6, kern, gy.reshape(B, S, cps, G, H, W),
-                                            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        return (gv.view(B, S * cps, G, H, W) if ctx.needs_input_grad[0] else None,
-                gk if ctx.needs_input_grad[1] else None)
-
-
-def dynamic_aggregate_functional(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
-    """The same filtering as one out-of-place sum over the taps, for ``torch.compile``: no
-    ``autograd.Function`` and no in-place op, so dynamo traces it whole, AOTAutograd derives the
-    backward and inductor fuses the ``K^2`` products (and their neighbours) into one loop."""
-    B, C, G, H, W, S, cps, K = _shapes(v, kern)
-    p = K // 2
-    vp = F.pad(v, (p, p, p, p)).view(B, S, cps, G, H + 2 * p, W + 2 * p)           # zero "same" padding
-    y = None
-    for t in range(K * K):
-        r, c = _tap(t, K, H, W)
-        term = kern[:, :, :, t].unsqueeze(2) * vp[..., r, c]                      # (B, S, cps, G, H, W)
-        y = term if y is None else y + term
-    return y.reshape(B, C, G, H, W)
-
-
-def dynamic_aggregate(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
-    """Involution-like depthwise filtering with per-pixel kernels, "same" zero padding.
-
-    ``v (B, C, G, H, W)``, ``kern (B, S, G, K*K, H, W)`` with ``S`` dividing ``C``: channel ``c`` of
-    orientation ``g`` is filtered at pixel ``x`` with kernel ``kern[:, c // (C/S), g, :, x]`` (taps
-    row-major over the KxK window centred on ``x``). Returns ``(B, C, G, H, W)``. On the CPU through the
-    fused C++ extension (:func:`fused_extension`), else by :func:`dynamic_aggregate_taps`; both keep
-    only ``v`` and ``kern`` for the backward.
-    """
-    if is_compiling():
-        return dynamic_aggregate_functional(v, kern)
-    if (v.device.type == "cpu" and kern.device.type == "cpu" and v.dtype == kern.dtype
-            and v.dtype in (torch.float32, torch.float64) and fused_extension() is not None):
-        _shapes(v, kern)
-        return _FusedAggregation.apply(v, kern)
-    return _DynamicAggregation.apply(v, kern)
-
-
-def dynamic_aggregate_taps(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
-    """The reference: the same filtering as a loop over the taps with in-place accumulation and a
-    hand-written backward (first order): nothing ``K^2`` times the size of ``v`` is materialised."""
-    return _DynamicAggregation.apply(v, kern)
-
-
-def dynamic_aggregate_unfold(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
-    """The same result through ``F.unfold`` (the official formulation): materialises ``K^2`` copies of
-    ``v`` and their product with the kernels. Kept as a reference and for before/after measurements."""
-    B, C, G, H, W, S, cps, K = _shapes(v, kern)
-    u = F.unfold(v.flatten(1, 2), K, padding=K // 2)                               # (B, C*G*KK, H*W)
-    u = u.view(B, S, cps, G, K * K, H, W)                                          # (B, S, cps, G, KK, H, W)
-    return (u * kern.unsqueeze(2)).sum(dim=4).view(B, C, G, H, W)                   # (B, C, G, H, W)
 
 
 # ------------------------------------------------------------------------------ the family registry

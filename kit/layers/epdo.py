@@ -44,7 +44,7 @@ The Neural ePDO layer (``x: (B, z, d, H, W)``, ``|G|`` group order):
    per pixel (invariant under the exact grid symmetries, which permute those entries).
 4. dynamic depthwise 5x5 filtering of ``x``: the z fields form ``z / g`` contiguous partitions of
    ``g`` fields; field ``j`` of every partition, component ``c``, is filtered at pixel ``x`` with the
-   generated stencil ``K[j, c, :, x]`` (tap loop of :func:`kit.layers.e4.dynamic_aggregate`).
+   generated stencil ``K[j, c, :, x]`` (:func:`kit.kernels.aggregate.dynamic_aggregate`).
 5. output: equivariant 1x1 ``z fields of rho -> out_fields of rho_out`` (no bias).
 
 Parameters: ``z m d + 4 m + (m/s) g (d 15) + z z_out dim Hom(rho, rho_out)``, the public code's
@@ -70,7 +70,8 @@ from ..groups import Representation, cyclic, plane_coords
 from ..kernels.intertwiners import _VERSION, _cached, _gram_recombination, _layer_basis, intertwiner_basis
 from ..reps import MAX_ORDER, coefficient_rep, component_index, derivative_rep, field_rep, rep_key, tensor_rep
 from .base import EquivariantModule, KernelCache
-from .e4 import FieldGroupNorm, dynamic_aggregate
+from ..kernels.aggregate import dynamic_aggregate
+from .e4 import FieldGroupNorm
 from .registry import fields_for, register_family
 from .stencils import METHODS, stencil_bank
 

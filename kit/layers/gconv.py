@@ -23,29 +23,11 @@ import torch.nn as nn
 
 from ..fields import FieldType
 from ..groups import Group, cyclic, dihedral
-from .base import EquivariantModule, KernelCache, field_conv2d, steering_matrices
+from ..kernels.steering import steer_kernel, steering_matrices
+from .base import EquivariantModule, KernelCache, field_conv2d
 from .registry import fields_for, register_family
 
-__all__ = ["LiftingConv", "GroupConv", "steer_kernel"]
-
-
-def steer_kernel(weight: torch.Tensor, S: torch.Tensor, rep_in: torch.Tensor | None,
-                 perm_in: torch.Tensor | None) -> torch.Tensor:
-    """Steer ``weight (O, C, D_in, k, k)`` to all |G| elements -> ``(O*|G|, C*D_in, k, k)``.
-
-    ``S (G, k*k, k*k)`` are the spatial steering matrices; the input field axis is acted on by the
-    gather indices ``perm_in (G, D_in)`` when the representation is a permutation, else by the
-    matrices ``rep_in (G, D_in, D_in)``.
-    """
-    O, C, D, k, _ = weight.shape
-    G = S.shape[0]
-    w = weight.reshape(O, C, D, k * k)                                      # (O, C, D, kk)
-    if perm_in is not None:
-        w = w[:, :, perm_in]                                                # (O, C, G, D, kk)
-    else:
-        w = torch.einsum("gde,ocep->ocgdp", rep_in, w)                      # (O, C, G, D, kk)
-    w = torch.einsum("gpq,ocgdq->ogcdp", S, w)                              # (O, G, C, D, kk)
-    return w.reshape(O * G, C * D, k, k)
+__all__ = ["LiftingConv", "GroupConv"]
 
 
 class _RegularOutConv(KernelCache, EquivariantModule):
