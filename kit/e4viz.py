@@ -6,7 +6,7 @@ ipywidgets explorers on top of them.
   trained weights (:func:`kit.models.create` with ``pretrained=True``), with the exact untrained
   initialisation of that training run beside it (:func:`kit.zoo.initial_twin`, batch norm
   calibrated on real digits) as ``lab.initial``; ``pretrained=False``: a seeded, untrained model,
-  batch norm calibrated on real digits. :meth:`Lab.kernels_at` returns the steered dynamic kernels
+  batch norm calibrated on real digits. :meth:`E4Lab.kernels_at` returns the steered dynamic kernels
   ``(S, |G|, K, K)`` the first E4 layer generates at one pixel, one per slice and group element.
 * :func:`dynamic_filters_figure`: the digit with the pixel marked, and those kernels.
 * :func:`filter_rotation_figure`: rotate the digit by quarter turns; the kernels at the *rotated*
@@ -33,11 +33,12 @@ import torch.nn as nn
 from . import models
 from .equivariance import check
 from .groups import Element, Group, disk_mask
+from .lab import Lab
 from .layers.e4 import E4Conv
 from .layers.gconv import GroupConv
 from .sample import load_sample
 
-__all__ = ["Lab", "setup", "perturb_parameters", "dynamic_filters_figure", "filter_rotation_figure",
+__all__ = ["E4Lab", "setup", "perturb_parameters", "dynamic_filters_figure", "filter_rotation_figure",
            "trained_vs_initial", "trained_vs_initial_figure", "static_vs_dynamic_figure", "affine_break",
            "affine_break_figure", "filter_explorer"]
 
@@ -58,38 +59,12 @@ def perturb_parameters(module: nn.Module, *, seed: int = 1, scale: float = 0.5) 
 
 
 @dataclass
-class Lab:
-    """An E4 model (trained, or untrained and calibrated), its first E4 layer, and one real digit
-    ``x (1, 1, H, W)``. ``initial``: for a trained model, the same architecture at the exact
-    weights its training started from (a ``Lab`` on the same digit and pixel), else ``None``."""
+class E4Lab(Lab):
+    """An E4 model (trained, or untrained and calibrated), its first E4 layer (``stem``: the model up
+    to it, lift -> BN -> ReLU) and one real digit ``x (1, 1, H, W)``."""
 
-    model: nn.Module
-    layer: E4Conv
-    stem: nn.Module          # the model up to the first E4 layer (lift -> BN -> ReLU)
-    x: torch.Tensor
-    pixel: tuple[int, int]   # a default pixel on the digit's stroke
+    model: nn.Module | None = None
     name: str = "e4-mnist-normal"
-    pretrained: bool = False
-    initial: "Lab | None" = None
-
-    @property
-    def group(self) -> Group:
-        return self.layer.in_type.group
-
-    @property
-    def state(self) -> str:
-        """``"trained"`` or ``"untrained"`` (for titles)."""
-        return "trained" if self.pretrained else "untrained"
-
-    def describe(self) -> str:
-        """One line: which model, which weights (the zoo manifest's accuracies for a trained one)."""
-        from . import zoo
-        return zoo.describe_weights(self.name, pretrained=self.pretrained)
-
-    @torch.no_grad()
-    def features(self, x: torch.Tensor | None = None) -> torch.Tensor:
-        """The regular fields entering the first E4 layer, ``(1, C, |G|, H, W)``."""
-        return self.stem(self.x if x is None else x)
 
     @torch.no_grad()
     def kernel_field(self, x: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,22 +76,8 @@ class Lab:
     def kernels_at(self, row: int, col: int, x: torch.Tensor | None = None) -> torch.Tensor:
         """The kernels generated at pixel ``(row, col)``: ``(S, |G|, K, K)``, taps as an image
         (row 0 at the top, the kernel's centre on the pixel)."""
-        H, W = self.x.shape[-2:]
-        if not (0 <= row < H and 0 <= col < W):
-            raise ValueError(f"pixel ({row}, {col}) is outside the {H}x{W} image")
+        self.check_pixel(row, col)
         return self.kernel_field(x)[..., row, col]
-
-    def rotated(self, element: Element) -> torch.Tensor:
-        """The digit acted on by ``element`` (exact on the grid)."""
-        return self.group.act_on_image(self.x, element)
-
-    def move_pixel(self, row: int, col: int, element: Element) -> tuple[int, int]:
-        """Where pixel ``(row, col)`` lands when the image is acted on by ``element``."""
-        H, W = self.x.shape[-2:]
-        one = torch.zeros(H, W)
-        one[row, col] = 1.0
-        i = int(self.group.act_on_image(one, element).argmax())
-        return divmod(i, W)
 
 
 from .zoo import Preprocess as _Preprocess  # noqa: E402  (the one stem for Standardized models)
@@ -131,7 +92,7 @@ def _split(model: nn.Module) -> tuple[nn.Module, E4Conv]:
 
 
 def setup(*, name: str = "e4-mnist-normal", seed: int = 0, digit: int = 3, calibration: int = 128,
-          pretrained: bool = False) -> Lab:
+          pretrained: bool = False) -> E4Lab:
     """Pick digit ``digit`` of the bundled sample and build ``name`` in eval mode.
 
     ``pretrained=False``: seeded with ``seed``, untrained, batch norm calibrated on the last
@@ -157,9 +118,9 @@ def setup(*, name: str = "e4-mnist-normal", seed: int = 0, digit: int = 3, calib
     return _lab(model, x, pixel, name=name)
 
 
-def _lab(model, x, pixel, **kw) -> Lab:
+def _lab(model, x, pixel, **kw) -> E4Lab:
     stem, layer = _split(model)
-    return Lab(model=model, layer=layer, stem=stem, x=x, pixel=pixel, **kw)
+    return E4Lab(model=model, layer=layer, stem=stem, x=x, pixel=pixel, **kw)
 
 
 # ------------------------------------------------------------------------------ drawing helpers
@@ -189,7 +150,7 @@ def _vmax(*ts):
 
 
 # ------------------------------------------------------------------------------ figures
-def dynamic_filters_figure(lab: Lab, row: int | None = None, col: int | None = None, *,
+def dynamic_filters_figure(lab: E4Lab, row: int | None = None, col: int | None = None, *,
                            quarter_turns: int = 0, slices: int | None = None):
     """The digit (rotated by ``quarter_turns`` x 90°) with pixel ``(row, col)`` marked, and the
     kernels the first E4 layer generates there: one row per slice, one column per group element.
@@ -218,7 +179,7 @@ def dynamic_filters_figure(lab: Lab, row: int | None = None, col: int | None = N
     return fig
 
 
-def rotated_kernels(lab: Lab, row: int, col: int, element: Element):
+def rotated_kernels(lab: E4Lab, row: int, col: int, element: Element):
     """Rotate the digit by ``element``: ``(upright, measured, predicted)`` kernels ``(S, |G|, K, K)``
     at pixel ``(row, col)`` of the upright digit, at the moved pixel of the rotated digit, and the
     prediction of equivariance ``K'(u p, h) = u . K(p, u^-1 h)`` from the upright ones."""
@@ -230,7 +191,7 @@ def rotated_kernels(lab: Lab, row: int, col: int, element: Element):
     return k0, k1, pred
 
 
-def filter_rotation_figure(lab: Lab, row: int | None = None, col: int | None = None, *, quarter_turns: int = 1,
+def filter_rotation_figure(lab: E4Lab, row: int | None = None, col: int | None = None, *, quarter_turns: int = 1,
                            slice: int = 0):
     """Rotate the input by ``quarter_turns`` x 90°: top row, the kernels at the pixel of the upright
     digit; middle row, the kernels at the *moved* pixel of the rotated digit; bottom row, the
@@ -265,12 +226,12 @@ def filter_rotation_figure(lab: Lab, row: int | None = None, col: int | None = N
     return fig
 
 
-def _norm_map(lab: Lab) -> torch.Tensor:
+def _norm_map(lab: E4Lab) -> torch.Tensor:
     """The norm of all kernels generated at each pixel (slices and group elements together), ``(H, W)``."""
     return lab.kernel_field().flatten(0, 3).norm(dim=0)
 
 
-def trained_vs_initial(lab: Lab, row: int | None = None, col: int | None = None) -> dict:
+def trained_vs_initial(lab: E4Lab, row: int | None = None, col: int | None = None) -> dict:
     """The trained model's kernels at pixel ``(row, col)`` beside its initial twin's (``lab`` from
     ``setup(pretrained=True)``). Returns ``trained`` / ``initial`` kernels ``(S, |G|, K, K)``,
     ``norm_trained`` / ``norm_initial`` (the kernel norm at every pixel, ``(H, W)``) and numbers:
@@ -307,7 +268,7 @@ def trained_vs_initial(lab: Lab, row: int | None = None, col: int | None = None)
                 positive_initial=[round(float((k > 0).float().mean()), 3) for k in k0])
 
 
-def trained_vs_initial_figure(lab: Lab, row: int | None = None, col: int | None = None):
+def trained_vs_initial_figure(lab: E4Lab, row: int | None = None, col: int | None = None):
     """Top block: the kernels the *trained* first E4 layer generates at pixel ``(row, col)`` (one row
     per slice, one column per group element); bottom block: the same pixel in the untrained twin the
     training started from. Each block on its own colour scale (given in its row labels); right: the
@@ -347,7 +308,7 @@ def trained_vs_initial_figure(lab: Lab, row: int | None = None, col: int | None 
     return fig
 
 
-def static_vs_dynamic_figure(lab: Lab, pixels: dict[str, tuple[int, int]] | None = None, *,
+def static_vs_dynamic_figure(lab: E4Lab, pixels: dict[str, tuple[int, int]] | None = None, *,
                              gconv: GroupConv | None = None, slice: int = 0, element: int = 0, seed: int = 0):
     """A G-CNN filter is one kernel per group element, the same at every pixel; an E4 kernel is
     generated per pixel. Columns: pixels A, B, C; rows: the E4 kernel (``slice``, ``element``) and a
@@ -397,7 +358,7 @@ def static_vs_dynamic_figure(lab: Lab, pixels: dict[str, tuple[int, int]] | None
 
 
 @torch.no_grad()
-def affine_break(lab: Lab, *, seed: int = 1, scale: float = 0.5) -> dict:
+def affine_break(lab: E4Lab, *, seed: int = 1, scale: float = 0.5) -> dict:
     """The first E4 layer with per-field (kit) and per-channel (official) GroupNorm affine, same
     weights, measured with :func:`kit.equivariance.check` on the digit's features.
 
@@ -496,7 +457,7 @@ def affine_break_figure(result: dict, *, tol: float = 1e-5):
 
 
 # ------------------------------------------------------------------------------ widgets
-def filter_explorer(lab: Lab):
+def filter_explorer(lab: E4Lab):
     """Sliders for the pixel (row, column), the slice and the rotation of the input (quarter turns);
     redraws :func:`filter_rotation_figure` on release."""
     import ipywidgets as W

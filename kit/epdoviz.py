@@ -9,7 +9,7 @@ three discretisations side by side, and the equivariance error at the C16 angles
   on a 2-core CPU), with its untrained twin (:func:`kit.zoo.initial_twin`, batch norm calibrated
   on real digits) as ``lab.initial``; ``pretrained=False``: the untrained C16 paper model with the
   chosen discretisation, batch norm calibrated on real digits.
-* :meth:`Lab.at` returns the normalised coefficients ``(g, d, 15)`` and stencils ``(g, d, 5, 5)`` at a pixel.
+* :meth:`EPDOLab.at` returns the normalised coefficients ``(g, d, 15)`` and stencils ``(g, d, 5, 5)`` at a pixel.
 * :func:`coefficients_figure`: the digit with the pixel, one bar per differential operator, the stencil.
 * :func:`trained_vs_initial_figure`: the coefficients of the trained layer at a pixel beside those
   of its initialisation, and how the coefficient mass splits over the derivative orders.
@@ -37,15 +37,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import models
+from .equivariance import Record
 from .fields import FieldType
 from .groups import act_on_image, cyclic, disk_mask
+from .lab import Lab
 from .layers.base import EquivariantSequential
 from .layers.epdo import KERNEL_SIZE, N_OPS, LinearPDOConv, NeuralEPDOConv, centre_equivariance_error, pdo_stencil_matrix
 from .models import epdo as _epdo_models  # noqa: F401  (registers the nepdo-* models)
 from .reps import coefficient_rep, component_name, components, field_rep
 from .sample import load_sample
+from .viz import plot_error_vs_angle
 
-__all__ = ["Lab", "setup", "coefficients_figure", "trained_vs_initial", "trained_vs_initial_figure",
+__all__ = ["EPDOLab", "setup", "coefficients_figure", "trained_vs_initial", "trained_vs_initial_figure",
            "rotation_figure", "discretisations_figure", "angle_errors", "error_vs_angle_figure",
            "coefficient_explorer", "precision_by_depth", "precision_figure", "OPERATOR_NAMES", "ZOO_MODEL"]
 
@@ -56,35 +59,16 @@ _METHOD_KW = {"fd": None, "gauss": {"normalize": False}, "rbffd": None}
 
 
 @dataclass
-class Lab:
+class EPDOLab(Lab):
     """The stem and first Neural ePDO layer of a model (trained, or untrained and calibrated), and one
-    digit. ``initial``: for a trained model, the same two stages at the exact weights its training
-    started from (a ``Lab`` on the same digit and pixel), else ``None``."""
+    digit ``x (1, 1, 28, 28)``; ``method`` the layer's discretisation."""
 
-    stem: nn.Module
-    layer: NeuralEPDOConv
-    x: torch.Tensor            # (1, 1, 28, 28)
-    pixel: tuple[int, int]
-    method: str
-    name: str = ""
-    pretrained: bool = False
-    initial: "Lab | None" = None
-
-    @property
-    def group(self):
-        return self.layer.in_type.group
-
-    @property
-    def state(self) -> str:
-        """``"trained"`` or ``"untrained"`` (for titles)."""
-        return "trained" if self.pretrained else "untrained"
+    method: str = "fd"
 
     def describe(self) -> str:
         """One line: which model, which weights (the zoo manifest's accuracies for a trained one)."""
         G, L = self.group, self.layer
-        arch = f"{G.name} regular fields, g={L.g}, s={L.s}, {self.method} stencils"
-        from . import zoo
-        return zoo.describe_weights(self.name, pretrained=self.pretrained, arch=arch)
+        return super().describe(arch=f"{G.name} regular fields, g={L.g}, s={L.s}, {self.method} stencils")
 
     def check_slot(self, slot: int, component: int) -> None:
         """A clear error for a generated field / group component this layer does not have."""
@@ -116,7 +100,7 @@ def _stem(model: nn.Module) -> nn.Module:
 
 
 def setup(*, seed: int = 0, digit: int = 3, method: str | None = None, size: int = 28,
-          pretrained: bool = False, name: str | None = None) -> Lab:
+          pretrained: bool = False, name: str | None = None) -> EPDOLab:
     """The first two stages of a Neural ePDO MNIST-rot net and one digit of the bundled sample.
 
     ``pretrained=False``: ``nepdo-mnist-regular-<method>`` (C16; ``method`` "fd", "gauss" (default)
@@ -143,9 +127,9 @@ def setup(*, seed: int = 0, digit: int = 3, method: str | None = None, size: int
         if method not in (None, layer.method):
             raise ValueError(f"the trained {name} uses {layer.method!r} stencils; method={method!r} is only for "
                              f"the untrained path (pretrained=False)")
-        initial = Lab(stem=_stem(twin).eval(), layer=twin.layers[3].eval(), x=x, pixel=pixel, method=layer.method,
+        initial = EPDOLab(stem=_stem(twin).eval(), layer=twin.layers[3].eval(), x=x, pixel=pixel, method=layer.method,
                       name=name)
-        return Lab(stem=_stem(model).eval(), layer=layer.eval(), x=x, pixel=pixel, method=layer.method, name=name,
+        return EPDOLab(stem=_stem(model).eval(), layer=layer.eval(), x=x, pixel=pixel, method=layer.method, name=name,
                    pretrained=True, initial=initial)
     method = method or "gauss"
     if method not in _METHOD_KW:
@@ -158,7 +142,7 @@ def setup(*, seed: int = 0, digit: int = 3, method: str | None = None, size: int
     models.calibrate_batchnorm(stem, imgs[:64])
     stem.eval()
     layer.eval()
-    return Lab(stem=stem, layer=layer, x=x, pixel=pixel, method=method, name=name)
+    return EPDOLab(stem=stem, layer=layer, x=x, pixel=pixel, method=method, name=name)
 
 
 def _bars(ax, v, title, color="#1f77b4", pred=None):
@@ -184,7 +168,7 @@ def _stencil(ax, K, title):
     ax.set_title(title, fontsize=9)
 
 
-def coefficients_figure(lab: Lab, row: int, col: int, *, slot: int = 0, component: int = 0):
+def coefficients_figure(lab: EPDOLab, row: int, col: int, *, slot: int = 0, component: int = 0):
     """The digit with the pixel; the 15 PDO coefficients of generated field ``slot``, group
     component ``component`` (one bar per operator, kit order); all 16 components as a heat map; the
     resulting 5x5 stencil."""
@@ -218,7 +202,7 @@ def _operator_share(c: torch.Tensor) -> np.ndarray:
     return (a / a.sum()).numpy()
 
 
-def trained_vs_initial(lab: Lab, row: int | None = None, col: int | None = None, *, slot: int = 0,
+def trained_vs_initial(lab: EPDOLab, row: int | None = None, col: int | None = None, *, slot: int = 0,
                        component: int = 0) -> dict:
     """The coefficients the trained first Neural ePDO layer generates at pixel ``(row, col)`` beside
     its initial twin's (``lab`` from ``setup(pretrained=True)``). Returns ``trained`` / ``initial``
@@ -245,7 +229,7 @@ def trained_vs_initial(lab: Lab, row: int | None = None, col: int | None = None,
                 rotation_error=rotation_errors(lab, row, col)[90.0][3])
 
 
-def trained_vs_initial_figure(lab: Lab, row: int | None = None, col: int | None = None, *, slot: int = 0,
+def trained_vs_initial_figure(lab: EPDOLab, row: int | None = None, col: int | None = None, *, slot: int = 0,
                               component: int = 0):
     """Top row: the trained layer at pixel ``(row, col)``; bottom row: its initial twin. Columns: the
     coefficients of field ``slot`` at every group component (heat map, one colour scale per row),
@@ -301,7 +285,7 @@ def trained_vs_initial_figure(lab: Lab, row: int | None = None, col: int | None 
     return fig
 
 
-def coefficient_explorer(lab: Lab, row: int | None = None, col: int | None = None, *, slot: int = 0,
+def coefficient_explorer(lab: EPDOLab, row: int | None = None, col: int | None = None, *, slot: int = 0,
                          component: int = 0):
     """ipywidgets: sliders for the pixel (row, column), the generated field (slot) and the group
     component; redraws :func:`coefficients_figure` on release. Returns an ``ipywidgets.VBox`` with
@@ -326,7 +310,7 @@ def coefficient_explorer(lab: Lab, row: int | None = None, col: int | None = Non
     return explorer([[rw, cl], [sl, cp]], render)
 
 
-def rotation_errors(lab: Lab, row: int, col: int) -> dict:
+def rotation_errors(lab: EPDOLab, row: int, col: int) -> dict:
     """``{degrees: (measured (g, d, 15), predicted (g, d, 15), pixel, relative error)}`` for the two
     cases of :func:`rotation_figure`: 90° at pixel ``(row, col)`` (exact on the grid) and the
     group's smallest angle at the centre pixel of a padded copy (digit rotated by interpolation)."""
@@ -343,7 +327,7 @@ def rotation_errors(lab: Lab, row: int, col: int) -> dict:
     return out
 
 
-def rotation_figure(lab: Lab, row: int, col: int, *, slot: int = 0, component: int = 0):
+def rotation_figure(lab: EPDOLab, row: int, col: int, *, slot: int = 0, component: int = 0):
     """Left: rotate the digit by 90 degrees; the coefficients at the rotated pixel, component
     ``rho(g) component``, vs the prediction ``c D(g)^-1`` from the upright ones (exact). Right: the
     group's smallest angle (22.5° for C16, 45° for C8), at the centre pixel of a 29x29 copy (digit
@@ -363,19 +347,18 @@ def rotation_figure(lab: Lab, row: int, col: int, *, slot: int = 0, component: i
     return fig
 
 
-def _rotation_cases(lab: Lab, row: int, col: int):
-    H = lab.x.shape[-1]
+def _rotation_cases(lab: EPDOLab, row: int, col: int):
     n = lab.group.n
     if n % 4:
         raise ValueError(f"the rotation figure needs a group with a 90° rotation (C_n, 4 | n), got {lab.group.name}")
-    x90 = torch.rot90(lab.x, 1, dims=(-2, -1))
-    yield n // 4, (lab.x, x90), (row, col), (H - 1 - col, row)
+    q = lab.group.element(n // 4)                                            # the rotation by 90 degrees
+    yield n // 4, (lab.x, lab.rotated(q)), (row, col), lab.move_pixel(row, col, q)
     xp = F.pad(lab.x, (0, 1, 0, 1))                                          # 29x29: a centre pixel
     m = xp.shape[-1] // 2
     yield 1, (xp, act_on_image(xp, 360.0 / n, mode="bicubic")), (m, m), (m, m)
 
 
-def discretisations_figure(lab: Lab, row: int, col: int, *, slot: int = 0, component: int = 0,
+def discretisations_figure(lab: EPDOLab, row: int, col: int, *, slot: int = 0, component: int = 0,
                            operators=((1, 0), (2, 0), (1, 1), (3, 0), (2, 2))):
     """Rows fd / gauss / rbffd: the stencils of a few operators, and (last column) the stencil that the
     coefficients generated at the pixel make under each discretisation."""
@@ -420,17 +403,22 @@ def angle_errors(*, methods=("fd", "gauss", "rbffd"), steps: int = 8, fields: in
 
 
 def error_vs_angle_figure(errors: dict):
-    """Relative error vs angle (log scale; exact zeros drawn at 1e-16) for each discretisation."""
+    """Relative error vs angle (log scale; exact zeros drawn at 1e-16) for each discretisation, in the
+    kit's direction and the opposite one (:func:`kit.viz.plot_error_vs_angle`)."""
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.8), sharey=True)
     colors = {"fd": "#1f77b4", "gauss": "#2ca02c", "rbffd": "#d62728"}
     marks = {"fd": "o", "gauss": "s", "rbffd": "^"}
+
+    def recs(angles, errs):
+        return [Record(element=None, angle=float(a), mirror=False, error=float(e)) for a, e in zip(angles, errs)]
     for a, name in zip(ax, ("lift", "nlpdo")):
         for m, res in errors.items():
             angles = res["angles"]
-            a.semilogy(angles, np.maximum(res[name], 1e-16), marks.get(m, "o") + "-", color=colors.get(m),
-                       mfc="none", ms=7, label=f"{m}")
-            a.semilogy(angles, np.maximum(res[name + "_opposite"], 1e-16), "x:", color=colors.get(m),
-                       label=f"{m}, opposite direction")
+            plot_error_vs_angle(a, recs(angles, res[name]), label=m, color=colors.get(m), style=marks.get(m, "o") + "-",
+                                ms=6, floor_min=1e-16, error_label="kit direction")
+            plot_error_vs_angle(a, recs(angles, res[name + "_opposite"]), label=m, color=colors.get(m), style="x:",
+                                ms=6, floor_min=1e-16, error_label="opposite direction")
+        a.set_yscale("log")
         a.set_xticks(angles)
         a.set_xlabel("rotation (degrees)")
         a.set_title({"lift": "linear PDO-eConv lift", "nlpdo": "Neural ePDO layer"}[name], fontsize=10)

@@ -39,7 +39,7 @@ from .viz import plot_error_vs_angle, save
 __all__ = ["OPERATORS", "GALLERY_OPERATORS", "DEFAULT_SIGMA", "operator_coefficients", "operator_label",
            "stencil_figure", "stencil_gallery_figure", "rotated_kernels", "rotated_kernels_figure", "layer_error_study",
            "error_vs_angle_figure", "error_table", "fit_slope", "convergence_study", "convergence_figure",
-           "stencil_gallery", "save", "save_and_show"]
+           "stencil_gallery"]
 
 #: every operator the stencil library discretises, in its component order ('1', 'dx', ... 'dyyyy')
 OPERATORS: list[str] = [component_name(i, j) for i, j in components(4)]
@@ -47,16 +47,6 @@ OPERATORS: list[str] = [component_name(i, j) for i, j in components(4)]
 GALLERY_OPERATORS = ("dx", "dy", "dxx", "dxy", "dxxy", "dxxyy")
 _METHOD_COLORS = {"fd": "#1f77b4", "gauss": "#ff7f0e", "rbffd": "#2ca02c"}
 _GROUP_COLORS = {4: "#d62728", 6: "#9467bd", 8: "#1f77b4", 12: "#2ca02c", 16: "#8c564b"}
-
-
-def save_and_show(fig, path, *, dpi: int = 120):
-    """Save ``fig`` with :func:`kit.viz.save`, close it, and return the written PNG as an
-    ``IPython.display.Image`` (the notebook shows the file instead of rendering the figure again)."""
-    from IPython.display import Image
-
-    path = save(fig, Path(path), dpi=dpi)
-    plt.close(fig)
-    return Image(filename=str(path))
 
 
 @contextmanager

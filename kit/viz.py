@@ -2,7 +2,8 @@
 ``Figure`` or plotly ``go.Figure``), so tests can call it and notebooks only display or save it.
 
 Static figures for ``figures/`` are matplotlib (no browser needed to export them); interactive
-ones are plotly. :func:`save` writes a matplotlib figure atomically.
+ones are plotly. :func:`save` writes a matplotlib figure atomically; :func:`show` saves it and shows the
+written PNG (the one way a notebook puts a figure on screen and in ``figures/``).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ._io import atomic_savefig
 from .equivariance import Record
 from .groups import act_on_image
 
-__all__ = ["save", "feature_maps_figure", "group_axis_figure", "error_vs_angle_figure", "plot_error_vs_angle",
+__all__ = ["save", "show", "feature_maps_figure", "group_axis_figure", "error_vs_angle_figure", "plot_error_vs_angle",
            "error_vs_angle_plotly"]
 
 _COLORS = {"cnn-mnist": "#d62728", "p4-mnist": "#1f77b4", "p4m-mnist": "#2ca02c"}
@@ -24,6 +25,23 @@ _COLORS = {"cnn-mnist": "#d62728", "p4-mnist": "#1f77b4", "p4m-mnist": "#2ca02c"
 def save(fig, path: str | Path, *, dpi: int = 120) -> Path:
     """Save a matplotlib figure as PNG atomically (:func:`kit._io.atomic_savefig`)."""
     return atomic_savefig(fig, path, dpi=dpi, format="png")
+
+
+def show(fig, path: str | Path | None = None, *, dpi: int = 120) -> Path | None:
+    """Save ``fig`` as PNG at ``path`` (atomically; ``None``: nothing written), close it, and display it:
+    in a notebook the written file itself (what is on screen is what is in ``figures/``), the live
+    figure when nothing was written. Outside IPython it only saves. Returns the path."""
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+        shell = get_ipython() is not None
+    except ImportError:                                                   # pragma: no cover - IPython ships with jupyter
+        shell = False
+    out = save(fig, path, dpi=dpi) if path is not None else None
+    if shell:
+        display(Image(filename=str(out)) if out is not None else fig)
+    plt.close(fig)
+    return out
 
 
 def _img(ax, a, title=None, cmap="magma", sym=False):

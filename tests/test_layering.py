@@ -6,7 +6,7 @@ from pathlib import Path
 
 KIT = Path(__file__).resolve().parents[1] / "kit"
 CORE = {"kit._compat", "kit._io", "kit.timing", "kit.groups", "kit.reps", "kit.fields", "kit.lie"}
-EXPLORERS = {"kit.viz", "kit.widgets", "kit.primer", "kit.redundancy", "kit.e4viz", "kit.pdoviz", "kit.epdoviz",
+EXPLORERS = {"kit.viz", "kit.widgets", "kit.lab", "kit.primer", "kit.redundancy", "kit.e4viz", "kit.pdoviz", "kit.epdoviz",
              "kit.separable_lab"}
 
 

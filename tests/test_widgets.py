@@ -70,3 +70,41 @@ def test_every_explorer_uses_the_one_scheme():
     for mod in (e4viz, epdoviz, pdoviz, redundancy, separable_lab, widgets):
         src = inspect.getsource(mod)
         assert src.count(".clear_output(") == (1 if mod is widgets else 0), mod.__name__
+
+
+def test_one_lab_moves_pixels_with_the_digit():
+    """The explorers' one Lab (kit.lab): following a pixel through a group element lands where the
+    acted-on digit carries it, for every element of the group, and a pixel off the image is an error."""
+    import torch
+
+    from kit.e4viz import E4Lab
+    from kit.epdoviz import EPDOLab
+    from kit.lab import Lab
+    from kit import e4viz
+    lab = e4viz.setup(calibration=16)
+    assert isinstance(lab, E4Lab) and isinstance(lab, Lab) and issubclass(EPDOLab, Lab)
+    H, W = lab.x.shape[-2:]
+    r, c = 5, 19
+    for g in lab.group.elements:
+        one = torch.zeros(1, 1, H, W)
+        one[..., r, c] = 1.0
+        moved = lab.group.act_on_image(one, g)
+        assert moved[0, 0, lab.move_pixel(r, c, g)[0], lab.move_pixel(r, c, g)[1]] == 1.0
+        assert torch.equal(lab.rotated(g), lab.group.act_on_image(lab.x, g))
+    with pytest.raises(ValueError, match="outside the 28x28 image"):
+        lab.move_pixel(28, 0, lab.group.identity)
+    with pytest.raises(ValueError, match="outside the 28x28 image"):
+        lab.kernels_at(-1, 3)
+
+
+def test_show_writes_the_png_and_closes_the_figure(tmp_path):
+    """viz.show: the one way notebooks put a figure on screen and in figures/ (atomic PNG, figure closed)."""
+    import matplotlib.pyplot as plt
+
+    from kit import viz
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    out = viz.show(fig, tmp_path / "sub" / "f.png")
+    assert out == tmp_path / "sub" / "f.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)
+    assert viz.show(plt.figure()) is None and not list(tmp_path.glob("*.tmp*"))
