@@ -29,7 +29,7 @@ def _key_values(items, flag: str, convert) -> dict:
 
 
 def _reproduce(args) -> int:
-    from .notebooks import REPO, execute, notebook_paths
+    from .run.notebooks import REPO, execute, notebook_paths
 
     paths = notebook_paths(pattern=args.notebooks)
     print(f"eqkit reproduce: {len(paths)} notebook(s) -> {REPO / 'runs' / 'notebooks'}, figures -> {REPO / 'figures'}")
@@ -44,7 +44,7 @@ def _reproduce(args) -> int:
     print(f"done in {time.time() - t:.0f} s; {len(paths) - len(failed)} ok, {len(failed)} failed")
     ok = not failed
     if args.sweep:
-        from .runs import report, run_sweep
+        from .run.sweeps import report, run_sweep
         spec = REPO / args.sweep
         res = run_sweep(spec, jobs=args.jobs)
         try:
@@ -58,7 +58,7 @@ def _reproduce(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .runs import report, run_sweep
+    from .run.sweeps import report, run_sweep
 
     slurm = _key_values(args.slurm, "--slurm", lambda v: int(v) if v.isdigit() else v)
     res = run_sweep(args.spec, jobs=args.jobs, executor=args.executor, only=args.only, slurm=slurm,
@@ -69,10 +69,10 @@ def _sweep(args) -> int:
 
 
 def _report(args) -> int:
-    from .runs import report
+    from .run.sweeps import report
 
     if args.sweep == "zoo":                          # the zoo's table comes from its committed manifests
-        from . import zoo
+        from .run import zoo
         path = zoo.write_report(None if args.out is None else f"{args.out}/zoo.md")
         print(path.read_text())
         return 0
@@ -82,7 +82,7 @@ def _report(args) -> int:
 
 
 def _zoo(args) -> int:
-    from . import zoo
+    from .run import zoo
 
     if args.action == "export":
         zoo.export_sweep(args.runs_dir, only=args.only)
@@ -131,8 +131,8 @@ def _check(args) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["bench"]:                  # its own argument parser (kit/bench.py)
-        from .bench import main as bench_main
+    if argv[:1] == ["bench"]:                  # its own argument parser (kit/measure/bench.py)
+        from .measure.bench import main as bench_main
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m kit", description="eqkit command line")
     sub = parser.add_subparsers(dest="command", required=True)

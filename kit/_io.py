@@ -14,7 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
 
-__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_savefig", "file_digest"]
+__all__ = ["atomic_write", "atomic_write_text", "atomic_write_json", "atomic_savefig", "file_digest", "KIT_DIR",
+           "REPO_DIR"]
+
+#: the package folder (``kit/``, holding the data files ``assets/`` and ``weights/``) and the checkout above it
+KIT_DIR = Path(__file__).resolve().parent
+REPO_DIR = KIT_DIR.parent
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object], *,

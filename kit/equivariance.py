@@ -33,7 +33,7 @@ error is rounding, bounded by ``floor``; a deep float32 network cannot show less
 round-off unless its arithmetic happens to be bitwise symmetric.
 
 The default input is a batch of real rotated digits from the bundled MNIST sample
-(:mod:`kit.sample`), masked to the centred disk so no content leaves the frame when rotated.
+(:mod:`kit.data.sample`), masked to the centred disk so no content leaves the frame when rotated.
 Modules are measured in eval mode, without gradients; their mode is restored afterwards.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ def default_input(in_type: FieldType, *, size: int = 28, batch: int = 2, seed: i
     Trivial inputs with C channels take C different digits per batch item; field inputs of
     dimension D take C*D digits (a natural, non-symmetric field).
     """
-    from .sample import load_sample
+    from .data.sample import load_sample
 
     if not in_type.spatial:
         raise ValueError(f"no default input for a non-spatial type {in_type}; pass x")
@@ -326,7 +326,7 @@ def precision_report(name: str, *, seeds=(0,), overrides: dict | None = None, ba
     from the float64 one) and ``error_f64`` (the same measurement with the model in float64).
     """
     from . import models
-    from .sample import load_sample
+    from .data.sample import load_sample
 
     n_digits = load_sample()["images"].shape[0]
     rows = []

@@ -309,7 +309,7 @@ def rotate_batch(x: torch.Tensor, degrees, *, mode: str = "bilinear") -> torch.T
     the convention and sampling grid of :func:`act_on_image` (pixel centres on the plane of
     :func:`plane_coords`, ``align_corners=True``), vectorised over the batch; exact quarter turns use
     ``torch.rot90`` (no interpolation). The one batched image action: the rebuilt MNIST-rot
-    (:func:`kit.data.rotate_digits`) and the training augmentation (:func:`kit.train.augment`) use it.
+    (:func:`kit.data.rotate_digits`) and the training augmentation (:func:`kit.run.train.augment`) use it.
     ``mode``: 'bilinear', 'bicubic' or 'nearest'. Floating inputs only; the dtype is kept."""
     if mode not in ("bilinear", "bicubic", "nearest"):
         raise ValueError(f"unknown interpolation mode {mode!r}; use 'bilinear', 'bicubic' or 'nearest'")

@@ -14,7 +14,7 @@ def _seed():
 def digits():
     """Real rotated MNIST digits (bundled sample), (N, 1, 28, 28) in [0, 1], masked to the disk."""
     from kit.groups import disk_mask
-    from kit.sample import load_sample
+    from kit.data.sample import load_sample
     return load_sample()["images"] * disk_mask(28, 28).float()
 
 

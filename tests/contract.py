@@ -8,7 +8,7 @@ that tests/test_families.py runs over the registry and that a family's own tests
 * kernel caches never go stale: cached in eval mode without gradient, the cache follows in-place
   parameter edits (an optimiser step), ``load_state_dict``, dtype changes and ``.train()``; eval mode
   with gradient builds a differentiable kernel and caches nothing;
-* cost: :func:`kit.complexity.count_macs` counts the layer (static MACs > 0) and adds exactly what
+* cost: :func:`kit.measure.complexity.count_macs` counts the layer (static MACs > 0) and adds exactly what
   its ``dynamic_macs`` hook declares.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import copy
 
 import torch
 
-from kit import complexity
+from kit.measure import complexity
 from kit.equivariance import check
 from kit.layers import KernelCache
 from kit.layers.registry import Family, example_block

@@ -1,4 +1,4 @@
-"""The cross-family benchmark (kit/bench.py) on tiny sizes: every entry builds and is measured, the
+"""The cross-family benchmark (kit/measure/bench.py) on tiny sizes: every entry builds and is measured, the
 instrument can tell an equivariant layer from a CNN, MACs agree with the kit's cost counter and with
 the closed form, results are resumable, and the escnn comparison code (the ``compare`` extra) keeps
 the kit's conventions."""
@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from kit import bench, complexity, models
+from kit.measure import bench, complexity
+from kit import models
 from kit.equivariance import check
 from kit.groups import cyclic, dihedral
 

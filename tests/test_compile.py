@@ -153,7 +153,7 @@ def test_compiled_model_never_reads_a_stale_kernel(family):
 def test_bench_compiled_columns():
     """``python -m kit bench --compile``: the compiled measurement of a tiny stack (alternated speed-ups,
     compile times, the compiled output against eager) and its table."""
-    from kit.bench import compiled_markdown, compiled_throughput
+    from kit.measure.bench import compiled_markdown, compiled_throughput
     m = _stack("gconv")
     c = compiled_throughput(m, torch.rand(4, 1, 12, 12), repeats=3, warmup=1)
     assert c["fwd_speedup"] > 0 and c["train_speedup"] > 0 and c["compile_fwd_s"] > 0

@@ -1,4 +1,4 @@
-"""kit.complexity: parameter and MAC counts (FlopCounterMode + the E4 dynamic aggregation), the
+"""kit.measure.complexity: parameter and MAC counts (FlopCounterMode + the E4 dynamic aggregation), the
 paper's cost claim, the exact tap-loop aggregation and the timing / memory helpers.
 
 * p4-E4-R18 / p4-R18: parameters ~56%, MACs ~68% (within 2 points; the abstract's claim), the p4m
@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 matplotlib.use("Agg")
 
-from kit import complexity as cx  # noqa: E402
+from kit.measure import complexity as cx  # noqa: E402
 from kit import models  # noqa: E402
 from kit.groups import cyclic, dihedral  # noqa: E402
 from kit.kernels.aggregate import dynamic_aggregate, dynamic_aggregate_unfold  # noqa: E402
@@ -149,7 +149,7 @@ def test_fused_aggregation_equals_the_tap_loop_reference():
 def test_step_profile_and_training_step_ratio():
     """The profile's categories add up to the step, the G-CNN's step is mostly convolutions, and the
     alternated ratio sees the plain CNN (4x fewer MACs) train faster than p4."""
-    from kit.complexity import step_profile, step_profile_markdown, training_step_ratio
+    from kit.measure.complexity import step_profile, step_profile_markdown, training_step_ratio
     p = step_profile("p4-mnist", batch=8, steps=1)
     assert abs(sum(r["ms"] for r in p["rows"]) - p["ms_per_step"]) <= 1e-6 * p["ms_per_step"]
     top = p["rows"][0]

@@ -1,4 +1,4 @@
-"""Raw MNIST loading, the vectorised MNIST-rot rotation and the bundled sample (kit.data, kit.sample)."""
+"""Raw MNIST loading, the vectorised MNIST-rot rotation and the bundled sample (kit.data, kit.data.sample)."""
 from __future__ import annotations
 
 import gzip
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kit import data, groups, sample
+from kit import data, groups
+from kit.data import sample
 
 
 def _raw_folder_or_skip():

@@ -28,7 +28,7 @@ from kit import reps as R
 from kit.kernels import intertwiners as I
 from kit.layers import epdo as E
 from kit.layers.base import EquivariantSequential
-from kit.layers.stencils import stencil_bank
+from kit.kernels.stencils import stencil_bank
 from kit.reps import component_index, components
 
 TOL = 1e-5
@@ -433,7 +433,7 @@ def test_precision_by_depth_is_rounding_at_every_stage():
     """Notebook 05, section 5: at every stage the float32 error at 90 degrees is within its round-off
     floor plus the float64 error, the float64 error is at float64 noise, and the float32 error grows
     from the lift to the logits (rounding accumulates with depth)."""
-    from kit import epdoviz
+    from kit.explore import epdo as epdoviz
     r = epdoviz.precision_by_depth(method="fd", widths=(4, 4, 4, 4, 4, 8), batch=2)
     assert r["labels"] == ["lift", "ePDO 1", "ePDO 2", "ePDO 3", "ePDO 4", "ePDO 5", "logits"]
     for e, f, e64 in zip(r["error_f32"], r["floor"], r["error_f64"]):

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from zoo_helpers import HAVE, needs, small_fonts  # noqa: E402
-from kit import e4viz, epdoviz, models, zoo
+from kit.explore import e4 as e4viz, epdo as epdoviz
+from kit import models
+from kit.run import zoo
 from kit.equivariance import check
 
 E4 = "e4-mnist-normal"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from contract import check_cache_never_stale, check_cost, check_gradients, check_types_and_equivariance
-from kit import bench, complexity
+from kit.measure import bench, complexity
 from kit.layers import registry
 
 pytestmark = pytest.mark.usefixtures("one_thread")

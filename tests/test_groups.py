@@ -168,7 +168,8 @@ def test_rotate_batch_is_act_on_image_per_image():
 
 
 def test_augmentation_and_data_rotate_with_the_same_action():
-    from kit import data, train
+    from kit import data
+    from kit.run import train
     from kit.groups import rotate_batch
     x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     got = train.augment(x, "rotate", torch.Generator().manual_seed(5))

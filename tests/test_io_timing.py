@@ -1,10 +1,11 @@
-"""The kit's one atomic writer (kit._io) and its one timer (kit.timing)."""
+"""The kit's one atomic writer (kit._io) and its one timer (kit.measure.timing)."""
 import os
 import stat
 
 import pytest
 
-from kit import _io, timing
+from kit import _io
+from kit.measure import timing
 
 
 def test_atomic_write_keeps_the_old_file_on_error_and_on_rejection(tmp_path):

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from kit import models
-from kit.notebooks import execute, notebook_paths
+from kit.run.notebooks import execute, notebook_paths
 
 NOTEBOOKS = notebook_paths()
 

@@ -11,7 +11,7 @@ import kit.layers.pdo as pdo
 from kit.equivariance import check, max_error
 from kit.groups import cyclic, dihedral, rotation_matrix
 from kit.layers.pdo import LEARNABLE, PDOGroupConv, PDOLiftingConv, fd_monomial_matrix, refinement_study
-from kit.layers.stencils import METHODS
+from kit.kernels.stencils import METHODS
 from kit.reps import component_index, components, substitution_matrix
 
 TOL = 1e-5

@@ -1,4 +1,4 @@
-"""Notebook 04 in library form (kit.pdoviz): every figure builder returns a drawable figure that
+"""Notebook 04 in library form (kit.explore.pdo): every figure builder returns a drawable figure that
 shows what it claims, the stencil gallery explorer redraws headless, and the convergence figure
 carries the measured log-log slope of the 45-degree error (2 +- 0.3, the paper's quadratic order)."""
 import io
@@ -12,10 +12,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kit import pdoviz  # noqa: E402
+from kit.explore import pdo as pdoviz  # noqa: E402
 from kit.groups import cyclic  # noqa: E402
 from kit.layers.pdo import LEARNABLE, PDOLiftingConv  # noqa: E402
-from kit.layers.stencils import DEFAULT_SIGMA, stencil  # noqa: E402
+from kit.kernels.stencils import DEFAULT_SIGMA, stencil  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,8 @@ import torch
 matplotlib.use("Agg")
 
 import kit.models.separable  # noqa: E402,F401
-from kit import models, redundancy as R  # noqa: E402
+from kit import models  # noqa: E402
+from kit.explore import redundancy as R
 from kit.groups import cyclic  # noqa: E402
 from kit.layers import GroupConv  # noqa: E402
 from kit.layers.separable import LieGroupConv  # noqa: E402

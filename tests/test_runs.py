@@ -1,4 +1,4 @@
-"""kit.runs and `python -m kit sweep/report`: spec validation with helpful errors, runs executed by
+"""kit.run.sweeps and `python -m kit sweep/report`: spec validation with helpful errors, runs executed by
 papermill into runs/<sweep>/<run>/, finished runs skipped on re-run, interrupted ones resumed, a
 failing run reported without stopping the others, the local pool, submitit's local executor, and
 the report beside the registry's paper numbers. Runs train on tiny synthetic data."""
@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from kit import runs, train
+from kit.run import sweeps as runs, train
 from kit.__main__ import main as kit_main
 
 # each run: cnn-mnist, 1 epoch on 64 synthetic images (a few seconds, mostly the kernel start)

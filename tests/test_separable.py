@@ -154,7 +154,7 @@ def test_lab_continuous_kernel_matches_layer_and_explorer_redraws():
 
     import matplotlib
     matplotlib.use("Agg")
-    import kit.separable_lab as lab
+    import kit.explore.separable as lab
 
     layer = lab.make_layers(rotations=4, in_fields=2, out_fields=2, kernel_size=5)["separable"]
     KH, _ = layer._build(0.0, torch.float32)                                 # (O*N, C*N, 1, 1)

@@ -1,4 +1,4 @@
-"""Notebook 06 on trained separable zoo models (kit.separable_lab): the lab loads the zoo's weights and
+"""Notebook 06 on trained separable zoo models (kit.explore.separable): the lab loads the zoo's weights and
 the exact initial twin, the trained kernels are still exactly equivariant, training moved them, the
 redundancy measure is what it says, and every figure builds with fonts >= 9 pt.
 
@@ -15,9 +15,10 @@ import torch
 
 matplotlib.use("Agg")
 
-import kit.separable_lab as lab  # noqa: E402
+import kit.explore.separable as lab  # noqa: E402
 from zoo_helpers import HAVE, needs, small_fonts  # noqa: E402
-from kit import models, zoo  # noqa: E402
+from kit import models  # noqa: E402
+from kit.run import zoo
 from kit.equivariance import check, float64_twin, max_error  # noqa: E402
 from kit.layers.separable import LieLiftingConv  # noqa: E402
 from kit.lie import SE2, Sim2  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kit.layers.stencils import DEFAULT_SIGMA, METHODS, fd_1d, gaussian_derivative, offsets, stencil, stencil_bank
+from kit.kernels.stencils import DEFAULT_SIGMA, METHODS, fd_1d, gaussian_derivative, offsets, stencil, stencil_bank
 from kit.reps import component_index, component_name, components
 
 HS = np.array([0.2, 0.1, 0.05, 0.025])

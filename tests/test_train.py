@@ -1,4 +1,4 @@
-"""kit.train: presets with the papers' values, the schedule, exact resume after a kill, NaN stop,
+"""kit.run.train: presets with the papers' values, the schedule, exact resume after a kill, NaN stop,
 clear errors, summaries, and DDP through torchrun (2 gloo processes) against one process."""
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from kit import data, train
-from kit.train import PRESETS, get_recipe, lr_at
+from kit import data
+from kit.run import train
+from kit.run.train import PRESETS, get_recipe, lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -161,7 +162,7 @@ def test_ddp_two_gloo_processes_match_one_process(tmp_path):
     (tmp_path / "ddp_model.py").write_text(_DDP_MODEL)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "OMP_NUM_THREADS": "1",
            "CUDA_VISIBLE_DEVICES": ""}
-    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kit.train",
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "kit.run.train",
             "--model", "ddp_model:build", "--dataset", "synthetic", "--epochs", "2",
             "--train-subset", "96", "--val-subset", "32", "--test-subset", "32", "--threads", "1", "--no-progress",
             "--set", "batch_size=32", "--set", "augmentation=\"crop-flip\"", "--set", "crop_pad=2"]
@@ -195,7 +196,7 @@ class _RunsCode:
 
 
 def test_checkpoints_load_weights_only_and_a_crafted_one_is_refused(tmp_path, monkeypatch):
-    from kit.train import load_checkpoint
+    from kit.run.train import load_checkpoint
     s = train.train("cnn-mnist", "synthetic", preset="mnist-quick", epochs=1, train_subset=32, val_subset=16,
               test_subset=16, out_dir=tmp_path / "run", progress=False, log=lambda *_: None)
     assert s["finished"]

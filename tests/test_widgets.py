@@ -8,8 +8,8 @@ matplotlib.use("Agg")
 
 import pytest  # noqa: E402
 
-import kit.primer as primer  # noqa: E402
-from kit.widgets import rotation_explorer  # noqa: E402
+import kit.explore.primer as primer  # noqa: E402
+from kit.explore.widgets import rotation_explorer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_rotation_explorer_draws_and_redraws(built):
 
 
 def test_epdo_coefficient_explorer_draws_and_redraws():
-    from kit import epdoviz
+    from kit.explore import epdo as epdoviz
     lab = epdoviz.setup(seed=0, digit=3)
     box = epdoviz.coefficient_explorer(lab)
     (row, col), (field, comp) = box.children[0].children, box.children[1].children
@@ -54,7 +54,7 @@ def test_epdo_coefficient_explorer_draws_and_redraws():
 
 
 def test_e4_filter_explorer_draws_and_redraws():
-    from kit import e4viz
+    from kit.explore import e4 as e4viz
     lab = e4viz.setup(seed=0, digit=3, calibration=32)
     box = e4viz.filter_explorer(lab)
     (row, col), (sl, rot) = box.children[0].children, box.children[1].children
@@ -63,24 +63,24 @@ def test_e4_filter_explorer_draws_and_redraws():
 
 
 def test_every_explorer_uses_the_one_scheme():
-    """No explorer builds its own Output / redraw loop: they all go through kit.widgets.explorer."""
+    """No explorer builds its own Output / redraw loop: they all go through kit.explore.widgets.explorer."""
     import inspect
 
-    from kit import e4viz, epdoviz, pdoviz, redundancy, separable_lab, widgets
+    from kit.explore import e4 as e4viz, epdo as epdoviz, pdo as pdoviz, redundancy, separable as separable_lab, widgets
     for mod in (e4viz, epdoviz, pdoviz, redundancy, separable_lab, widgets):
         src = inspect.getsource(mod)
         assert src.count(".clear_output(") == (1 if mod is widgets else 0), mod.__name__
 
 
 def test_one_lab_moves_pixels_with_the_digit():
-    """The explorers' one Lab (kit.lab): following a pixel through a group element lands where the
+    """The explorers' one Lab (kit.explore.lab): following a pixel through a group element lands where the
     acted-on digit carries it, for every element of the group, and a pixel off the image is an error."""
     import torch
 
-    from kit.e4viz import E4Lab
-    from kit.epdoviz import EPDOLab
-    from kit.lab import Lab
-    from kit import e4viz
+    from kit.explore.e4 import E4Lab
+    from kit.explore.epdo import EPDOLab
+    from kit.explore.lab import Lab
+    from kit.explore import e4 as e4viz
     lab = e4viz.setup(calibration=16)
     assert isinstance(lab, E4Lab) and isinstance(lab, Lab) and issubclass(EPDOLab, Lab)
     H, W = lab.x.shape[-2:]
@@ -101,7 +101,7 @@ def test_show_writes_the_png_and_closes_the_figure(tmp_path):
     """viz.show: the one way notebooks put a figure on screen and in figures/ (atomic PNG, figure closed)."""
     import matplotlib.pyplot as plt
 
-    from kit import viz
+    from kit.explore import viz
     fig, ax = plt.subplots()
     ax.plot([0, 1], [1, 0])
     out = viz.show(fig, tmp_path / "sub" / "f.png")

@@ -1,4 +1,4 @@
-"""The trained zoo (kit.zoo): every family has weights, each checkpoint reproduces its manifest on
+"""The trained zoo (kit.run.zoo): every family has weights, each checkpoint reproduces its manifest on
 the bundled held-out digits, trained equivariant models are exactly invariant at the grid elements
 in float64, and bad weights fail with clear errors without touching anything."""
 from __future__ import annotations
@@ -10,7 +10,8 @@ import shutil
 import pytest
 import torch
 
-from kit import models, zoo
+from kit import models
+from kit.run import zoo
 from kit.equivariance import check, float64_twin
 from kit.layers import EquivariantSequential
 

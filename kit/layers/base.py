@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 from .._compat import is_compiling
 from ..fields import FieldType
-from ..groups import Group
 
 __all__ = ["EquivariantModule", "KernelCache", "EquivariantSequential", "FieldReLU", "GroupBatchNorm",
            "GroupPool", "SpatialPool", "InvariantHead", "field_conv2d"]
@@ -35,12 +34,12 @@ class EquivariantModule(nn.Module):
     def dynamic_macs(self, H: int, W: int) -> int:
         """Multiply-accumulates per image of input-dependent work that FLOP counters do not see
         (E4 / Neural-ePDO per-pixel aggregation), for an ``H x W`` *output*; 0 for static layers.
-        :func:`kit.complexity.count_macs` adds it per call at the layer's actual output size."""
+        :func:`kit.measure.complexity.count_macs` adds it per call at the layer's actual output size."""
         return 0
 
     def canonical_kernel(self) -> torch.Tensor | None:
         """The identity output element's kernel ``(O, C, D, k, k)`` (detached) of a layer with a static
-        group kernel (what :mod:`kit.redundancy` analyses); ``None`` for layers without one."""
+        group kernel (what :mod:`kit.explore.redundancy` analyses); ``None`` for layers without one."""
         return None
 
     def extra_repr(self) -> str:

@@ -44,7 +44,7 @@ Implementation notes
   unfold formulation up to float rounding, tested in float64); the generator lays the kernels out
   tap-major so that each tap is read as whole ``H x W`` planes. :func:`kit.kernels.aggregate.dynamic_aggregate_unfold`
   keeps the unfold formulation as a reference (tests, before/after measurements in
-  :mod:`kit.complexity`). Measured on one CPU thread against the unfold version: the layer's
+  :mod:`kit.measure.complexity`). Measured on one CPU thread against the unfold version: the layer's
   forward+backward 2.6x (K=3, CIFAR stage) and 4.7x (K=5, MNIST-rot) faster; the aggregation keeps
   4-11x less memory for the backward (figures/e4_speed.md).
 * **Fused aggregation (CPU).** :func:`kit.kernels.aggregate.dynamic_aggregate` runs a small C++ extension

@@ -52,7 +52,7 @@ count (``../shared/reference/neural_epdo.md`` section 6.3).
 
 Kernels (the 1x1 weights, the lifting filter bank, the generator weight) are rebuilt from the
 parameters every training forward and cached in eval mode by :class:`kit.layers.base.KernelCache`
-(never stale). All discretisations come from :func:`kit.layers.stencils.stencil_bank` with one
+(never stale). All discretisations come from :func:`kit.kernels.stencils.stencil_bank` with one
 component order and one sign convention, so fd, gauss and rbffd are equivariant in the same
 direction (the public code mirrors gauss / RBF-FD, section 4.5 of the reference).
 """
@@ -73,7 +73,7 @@ from .base import EquivariantModule, KernelCache
 from ..kernels.aggregate import dynamic_aggregate
 from .e4 import FieldGroupNorm
 from .registry import fields_for, register_family
-from .stencils import METHODS, stencil_bank
+from ..kernels.stencils import METHODS, stencil_bank
 
 __all__ = ["pdo_stencil_matrix", "pdo_conv_basis", "generator_basis", "EquivariantConv1x1", "LinearPDOConv",
            "NeuralEPDOConv", "centre_equivariance_error", "N_OPS", "KERNEL_SIZE"]
@@ -86,7 +86,7 @@ KERNEL_SIZE = 5               # ... discretised on 5x5 stencils
 def pdo_stencil_matrix(method: str = "fd", stencil_kw: dict | None = None,
                        stencils: torch.Tensor | None = None) -> tuple[torch.Tensor, str]:
     """``S (15, 25)`` float64, row ``a`` = the flattened 5x5 stencil of ``d^a`` (kit component
-    order, one sign convention; :func:`kit.layers.stencils.stencil_bank`), and a cache key.
+    order, one sign convention; :func:`kit.kernels.stencils.stencil_bank`), and a cache key.
     ``stencils (15, 5, 5)`` overrides the bank (e.g. to show that a mirrored bank is caught)."""
     if stencils is not None:
         S = torch.as_tensor(stencils, dtype=torch.float64)

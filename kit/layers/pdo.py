@@ -16,7 +16,7 @@ group-shifted output, ``Psi(pi_B f)(x, g) = Psi f(B^-1 x, B^-1 g)``: the regular
 (for a rotation by t: ``dx -> c dx + s dy``, ``dy -> -s dx + c dy``), expanded exactly
 (:func:`kit.reps.substitution_matrix`). The learnable family is the paper's 9 monomials ``dx^i dy^j`` with
 ``i, j <= 2`` (total order <= 4), so the rotated operator needs every derivative up to order 4 and
-is discretised on 5x5 stencils by any of the three families of :mod:`kit.layers.stencils`
+is discretised on 5x5 stencils by any of the three families of :mod:`kit.kernels.stencils`
 (``"fd"``: the paper's second-order central differences; ``"gauss"``; ``"rbffd"``).
 
 Equivariance on the grid: every element that is a multiple of 90 degrees (and the mirrors of D_n)
@@ -57,7 +57,7 @@ from ..groups import Group, cyclic, plane_coords, rotation_matrix
 from ..reps import component_index, components, substitution_matrix
 from .base import EquivariantModule, KernelCache, field_conv2d
 from .registry import fields_for, register_family
-from .stencils import METHODS, stencil, stencil_bank
+from ..kernels.stencils import METHODS, stencil, stencil_bank
 
 __all__ = ["PDOLiftingConv", "PDOGroupConv", "LEARNABLE", "fd_monomial_matrix",
            "pdo_basis", "refinement_study"]
@@ -187,7 +187,7 @@ class PDOLiftingConv(_PDOConv):
         group: ``kit.groups.cyclic(n)`` or ``dihedral(n)`` (any n; the paper uses 4, 6, 8, 12).
         in_channels, out_fields: the layer outputs ``out_fields * |G|`` channels.
         method: stencil family ``"fd"`` | ``"gauss"`` | ``"rbffd"``; ``stencil_kw`` go to
-            :func:`kit.layers.stencils.stencil` (e.g. ``{"sigma": 1.0}``).
+            :func:`kit.kernels.stencils.stencil` (e.g. ``{"sigma": 1.0}``).
         parametrization: ``"kernel"`` (raw 3x3 weights, the paper's) or ``"pdo"`` (coefficients).
         offset: angle offset in radians (the paper's code: ``pi / 8``).
         padding: default 2 ("same" for the 5x5 stencils); the paper's MNIST net pads 1.

@@ -5,7 +5,7 @@ each family" asks this registry instead of listing the families itself:
 
 * ``python -m kit bench`` measures every registered example (equivariance error vs angle, MACs,
   throughput, peak memory) beside escnn's counterpart where one is named;
-* :func:`kit.complexity.count_macs` counts any layer through the :class:`EquivariantModule` hooks
+* :func:`kit.measure.complexity.count_macs` counts any layer through the :class:`EquivariantModule` hooks
   (``dynamic_macs``), not through a list of classes;
 * ``tests/test_families.py`` runs the layer contract (shapes, float64 equivariance at the
   grid-exact elements, gradients reaching every parameter, kernel caches that never go stale) over

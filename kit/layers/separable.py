@@ -366,7 +366,7 @@ class LieGroupConv(_LieConv):
 
     def canonical_kernel(self) -> torch.Tensor:
         """The kernel of the identity output element (rotation 0, scale 1) on the fixed grid,
-        ``(O, C, D_in, k, k)``, detached: what :mod:`kit.redundancy` analyses (the other output
+        ``(O, C, D_in, k, k)``, detached: what :mod:`kit.explore.redundancy` analyses (the other output
         elements' kernels are transformed copies)."""
         g, k = self.grid, self.kernel_size
         O, C, D = self.out_type.n_fields, self.in_type.n_fields, g.dim

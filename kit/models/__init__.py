@@ -27,7 +27,7 @@ class ModelCard:
     input_shape: tuple = (1, 28, 28)
     num_classes: int = 10
     reported: dict = field(default_factory=dict)   # e.g. {"params": 26747, "test_error": 1.2, "source": "..."}
-    recipe: str | None = None                      # name of a kit.train preset
+    recipe: str | None = None                      # name of a kit.run.train preset
     tags: tuple = ()
     invariant: str = "grid"      # logits invariant at: "grid" every grid-exact element, "rotations" its rotations, "none"
     ci: dict = field(default_factory=dict)             # builder overrides for CI-sized builds (tests)
@@ -81,14 +81,14 @@ def register_model(name: str, **card):
 
 def list_models(pattern: str = "*", *, tag: str | None = None, pretrained: bool = False) -> list[str]:
     """Registered model names matching a glob ``pattern`` (and carrying ``tag``; with
-    ``pretrained=True`` only those with zoo weights, :mod:`kit.zoo`), sorted."""
+    ``pretrained=True`` only those with zoo weights, :mod:`kit.run.zoo`), sorted."""
     have = set(_zoo().list_pretrained()) if pretrained else None
     return sorted(n for n, c in _REGISTRY.items()
                   if fnmatch.fnmatch(n, pattern) and (tag is None or tag in c.tags) and (have is None or n in have))
 
 
 def _zoo():
-    from .. import zoo
+    from ..run import zoo
     return zoo
 
 
@@ -101,7 +101,7 @@ def model_card(name: str) -> ModelCard:
 def create(name: str, *, pretrained: bool = False, **overrides) -> nn.Module:
     """Build the named model; ``overrides`` replace the builder's keyword defaults.
 
-    ``pretrained=True`` loads the zoo's weights (:mod:`kit.zoo`: sha256-verified, weights-only) and
+    ``pretrained=True`` loads the zoo's weights (:mod:`kit.run.zoo`: sha256-verified, weights-only) and
     returns the model in eval mode, taking the images its dataset delivers (MNIST-rot:
     ``(B, 1, 28, 28)`` in [0, 1]; any input normalisation is inside the model). A name without
     weights, a corrupted file or weights of another architecture raise a clear error."""

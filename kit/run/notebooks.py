@@ -9,9 +9,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .._io import REPO_DIR
+
 __all__ = ["REPO", "notebook_paths", "execute"]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_DIR
 
 
 def notebook_paths(folder: str | Path | None = None, pattern: str = "*.ipynb") -> list[Path]:

@@ -41,14 +41,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import models
-from .groups import Group, cyclic, dihedral
-from .layers.base import EquivariantModule
-from ._io import atomic_write_text
+from .. import models
+from ..groups import Group, cyclic, dihedral
+from ..layers.base import EquivariantModule
+from .._io import atomic_write_text
 from .timing import alternated, memory_profile, peak_memory, stats, timed
-from .kernels.aggregate import dynamic_aggregate, dynamic_aggregate_unfold
-from .layers.e4 import E4Conv
-from .layers.gconv import GroupConv
+from ..kernels.aggregate import dynamic_aggregate, dynamic_aggregate_unfold
+from ..layers.e4 import E4Conv
+from ..layers.gconv import GroupConv
 
 __all__ = ["step_profile", "step_profile_markdown", "training_step_ratio", "Cost", "count_macs", "aggregation_seen_by_counter", "cost_table", "cost_markdown", "cost_ratios",
            "cost_figure", "CIFAR_MODELS", "MNIST_MODELS", "PAIRS", "time_forward_backward", "peak_memory",
@@ -320,7 +320,7 @@ def time_forward_backward(module: nn.Module, x: torch.Tensor, *, repeats: int = 
     """Wall time of ``module(x)`` forward + backward (of ``y.sum()``), in train mode.
 
     Returns ``{"median", "q25", "q75", "times"}`` in seconds over ``repeats`` runs after ``warmup``
-    runs (:func:`kit.timing.timed`). Runs on the current ``torch.get_num_threads()``.
+    runs (:func:`kit.measure.timing.timed`). Runs on the current ``torch.get_num_threads()``.
     """
     return stats(timed(_fwd_bwd(module, x), repeats=repeats, warmup=warmup, device=x.device))
 
@@ -489,7 +489,7 @@ def step_profile(name: str, *, batch: int = 64, steps: int = 3, threads: int | N
     from ``torch.profiler`` self-CPU times grouped into :data:`STEP_CATEGORIES`. Returns
     ``{"name", "batch", "threads", "ms_per_step", "rows": [{"category", "ms", "share"}]}``."""
     from torch.profiler import ProfilerActivity, profile
-    from .models import create
+    from ..models import create
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -544,7 +544,7 @@ def step_profile_markdown(profiles: list[dict]) -> str:
 def training_step_ratio(a: str, b: str, *, batch: int = 64, rounds: int = 8, threads: int | None = None) -> dict:
     """Images/s of registered model ``a``'s training step over ``b``'s, the two timed in alternation
     in one run (median of per-round ratios), as the issue's speed targets are stated."""
-    from .models import create
+    from ..models import create
     old = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

@@ -4,7 +4,7 @@ ipywidgets explorers on top of them.
 
 * :func:`setup` builds ``e4-mnist-normal`` and picks one real digit. ``pretrained=True``: the zoo's
   trained weights (:func:`kit.models.create` with ``pretrained=True``), with the exact untrained
-  initialisation of that training run beside it (:func:`kit.zoo.initial_twin`, batch norm
+  initialisation of that training run beside it (:func:`kit.run.zoo.initial_twin`, batch norm
   calibrated on real digits) as ``lab.initial``; ``pretrained=False``: a seeded, untrained model,
   batch norm calibrated on real digits. :meth:`E4Lab.kernels_at` returns the steered dynamic kernels
   ``(S, |G|, K, K)`` the first E4 layer generates at one pixel, one per slice and group element.
@@ -20,7 +20,7 @@ ipywidgets explorers on top of them.
   model was trained with it, so that case is a perturbation).
 * :func:`filter_explorer`: sliders for pixel row / column, slice and rotation.
 
-Every figure function returns a matplotlib figure (save it with :func:`kit.viz.save`).
+Every figure function returns a matplotlib figure (save it with :func:`kit.explore.viz.save`).
 """
 from __future__ import annotations
 
@@ -30,13 +30,13 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 
-from . import models
-from .equivariance import check
-from .groups import Element, Group, disk_mask
+from .. import models
+from ..equivariance import check
+from ..groups import Element, Group, disk_mask
 from .lab import Lab
-from .layers.e4 import E4Conv
-from .layers.gconv import GroupConv
-from .sample import load_sample
+from ..layers.e4 import E4Conv
+from ..layers.gconv import GroupConv
+from ..data.sample import load_sample
 
 __all__ = ["E4Lab", "setup", "perturb_parameters", "dynamic_filters_figure", "filter_rotation_figure",
            "trained_vs_initial", "trained_vs_initial_figure", "static_vs_dynamic_figure", "affine_break",
@@ -80,7 +80,7 @@ class E4Lab(Lab):
         return self.kernel_field(x)[..., row, col]
 
 
-from .zoo import Preprocess as _Preprocess  # noqa: E402  (the one stem for Standardized models)
+from ..run.zoo import Preprocess as _Preprocess  # noqa: E402  (the one stem for Standardized models)
 
 
 def _split(model: nn.Module) -> tuple[nn.Module, E4Conv]:
@@ -98,7 +98,7 @@ def setup(*, name: str = "e4-mnist-normal", seed: int = 0, digit: int = 3, calib
     ``pretrained=False``: seeded with ``seed``, untrained, batch norm calibrated on the last
     ``calibration`` real digits. ``pretrained=True``: the zoo's trained weights (batch-norm
     statistics as trained; ``seed`` is not used), and ``lab.initial``, the untrained twin of that
-    zoo run (:func:`kit.zoo.initial_twin`, calibrated on the same digits); without zoo weights for
+    zoo run (:func:`kit.run.zoo.initial_twin`, calibrated on the same digits); without zoo weights for
     ``name`` it raises the zoo's error. The default pixel is the brightest one within 8 pixels of
     the centre."""
     imgs = load_sample()["images"] * disk_mask(28, 28).float()                 # (N, 1, 28, 28)
@@ -108,7 +108,7 @@ def setup(*, name: str = "e4-mnist-normal", seed: int = 0, digit: int = 3, calib
     near = disk_mask(28, 28, radius=8.0).float()
     pixel = divmod(int((x[0, 0] * near).argmax()), x.shape[-1])
     if pretrained:
-        from . import zoo
+        from ..run import zoo
         model = models.create(name, pretrained=True)                           # the zoo's clear error if absent
         twin = zoo.initial_twin(name, calibrate=imgs[-calibration:])
         initial = _lab(twin, x, pixel, name=name)

@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_write, file_digest
-from .groups import rotate_batch
+from .._io import REPO_DIR, atomic_write, file_digest
+from ..groups import rotate_batch
 
 __all__ = [
     "MNIST_FILES", "MNIST_SPLITS", "mnist_root", "md5sum", "verify_file", "read_idx",
@@ -70,7 +70,7 @@ MNIST_FILES: dict[str, tuple[str, str]] = {
 MNIST_SPLITS: dict[str, int] = {"train": 60000, "test": 10000}
 
 #: The repository root (``kit/..``); the offline data folder is ``<repo>/../shared/data/mnist``.
-_REPO_ROOT = Path(__file__).resolve().parent.parent
+_REPO_ROOT = REPO_DIR
 _SHARED_REL = Path("..") / "shared" / "data" / "mnist"
 
 
@@ -569,7 +569,7 @@ def load_cifar(name: str = "cifar10", split: str = "train", *, root: str | os.Pa
         raise ValueError(f"unknown CIFAR {name!r}; valid: {', '.join(_CIFAR_FILES)}")
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; valid splits: 'train', 'test'")
-    from ._compat import import_torchvision
+    from .._compat import import_torchvision
     tv = import_torchvision()
     cls = tv.datasets.CIFAR10 if name == "cifar10" else tv.datasets.CIFAR100
     archive, folder, url, md5 = _CIFAR_FILES[name]

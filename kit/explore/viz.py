@@ -12,9 +12,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import torch
 
-from ._io import atomic_savefig
-from .equivariance import Record
-from .groups import act_on_image
+from .._io import atomic_savefig
+from ..equivariance import Record
+from ..groups import act_on_image
 
 __all__ = ["save", "show", "feature_maps_figure", "group_axis_figure", "error_vs_angle_figure", "plot_error_vs_angle",
            "error_vs_angle_plotly"]

@@ -10,7 +10,7 @@
   :class:`RSSPeak`: the process's resident-set peak, sampled by a thread (what the operating system
   sees, allocator caches included).
 
-Not here: what is measured (``kit.bench``, ``kit.complexity``, ``kit.bench_separable``).
+Not here: what is measured (``kit.measure.bench``, ``kit.measure.complexity``, ``kit.measure.bench_separable``).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The equivariance primer (notebook 01) in library form: calibrated baseline models, one digit,
 and the error-vs-angle sweep for each model.
 
-By default the models are the zoo's trained ones (:mod:`kit.zoo`, ``pretrained=True``): the feature
+By default the models are the zoo's trained ones (:mod:`kit.run.zoo`, ``pretrained=True``): the feature
 maps are those of networks that read digits. ``pretrained=False`` builds untrained models instead,
 which is enough to show that equivariance is a property of the architecture, not of the weights;
 their batch-norm statistics are calibrated on real digits first
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from . import models
-from .equivariance import error_vs_angle
-from .groups import disk_mask
-from .sample import load_sample
+from .. import models
+from ..equivariance import error_vs_angle
+from ..groups import disk_mask
+from ..data.sample import load_sample
 
 __all__ = ["setup", "sweep"]
 

@@ -6,7 +6,7 @@ three discretisations side by side, and the equivariance error at the C16 angles
   ``nepdo-mnist-regular-*`` model and picks a digit. ``pretrained=True``: the zoo's trained
   :data:`ZOO_MODEL` (``nepdo-mnist-regular-fd-small``: the reduced **C8** variant, widths
   8/8/16/16/16/32, g=2, s=2, fd stencils, trained because the C16 paper model trains at ~7 img/s
-  on a 2-core CPU), with its untrained twin (:func:`kit.zoo.initial_twin`, batch norm calibrated
+  on a 2-core CPU), with its untrained twin (:func:`kit.run.zoo.initial_twin`, batch norm calibrated
   on real digits) as ``lab.initial``; ``pretrained=False``: the untrained C16 paper model with the
   chosen discretisation, batch norm calibrated on real digits.
 * :meth:`EPDOLab.at` returns the normalised coefficients ``(g, d, 15)`` and stencils ``(g, d, 5, 5)`` at a pixel.
@@ -24,7 +24,7 @@ three discretisations side by side, and the equivariance error at the C16 angles
   stage, in float32 beside its round-off floor and in float64 (:func:`kit.equivariance.check` with
   ``roundoff=True``): rounding that grows with depth, against a construction exact to 1e-14.
 
-Every figure function returns a matplotlib figure (save it with :func:`kit.viz.save`).
+Every figure function returns a matplotlib figure (save it with :func:`kit.explore.viz.save`).
 """
 from __future__ import annotations
 
@@ -36,16 +36,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import models
-from .equivariance import Record
-from .fields import FieldType
-from .groups import act_on_image, cyclic, disk_mask
+from .. import models
+from ..equivariance import Record
+from ..fields import FieldType
+from ..groups import act_on_image, cyclic, disk_mask
 from .lab import Lab
-from .layers.base import EquivariantSequential
-from .layers.epdo import KERNEL_SIZE, N_OPS, LinearPDOConv, NeuralEPDOConv, centre_equivariance_error, pdo_stencil_matrix
-from .models import epdo as _epdo_models  # noqa: F401  (registers the nepdo-* models)
-from .reps import coefficient_rep, component_name, components, field_rep
-from .sample import load_sample
+from ..layers.base import EquivariantSequential
+from ..layers.epdo import KERNEL_SIZE, N_OPS, LinearPDOConv, NeuralEPDOConv, centre_equivariance_error, pdo_stencil_matrix
+from ..models import epdo as _epdo_models  # noqa: F401  (registers the nepdo-* models)
+from ..reps import coefficient_rep, component_name, components, field_rep
+from ..data.sample import load_sample
 from .viz import plot_error_vs_angle
 
 __all__ = ["EPDOLab", "setup", "coefficients_figure", "trained_vs_initial", "trained_vs_initial_figure",
@@ -91,7 +91,7 @@ class EPDOLab(Lab):
         return c[0], k[0]
 
 
-from .zoo import Preprocess as _Preprocess  # noqa: E402  (the one stem for Standardized models)
+from ..run.zoo import Preprocess as _Preprocess  # noqa: E402  (the one stem for Standardized models)
 
 
 def _stem(model: nn.Module) -> nn.Module:
@@ -107,7 +107,7 @@ def setup(*, seed: int = 0, digit: int = 3, method: str | None = None, size: int
     or "rbffd"), seeded with ``seed``, untrained, batch norm calibrated on 64 real digits.
     ``pretrained=True``: the zoo's trained ``name`` (default :data:`ZOO_MODEL`, the reduced C8 fd
     net; ``method`` must be None or the model's), batch-norm statistics as trained, and
-    ``lab.initial``, its untrained twin (:func:`kit.zoo.initial_twin`, calibrated on the same 64
+    ``lab.initial``, its untrained twin (:func:`kit.run.zoo.initial_twin`, calibrated on the same 64
     digits); without zoo weights it raises the zoo's error. The default pixel is the brightest on
     the stroke near the centre."""
     imgs = load_sample()["images"] * disk_mask(28, 28).float()
@@ -119,7 +119,7 @@ def setup(*, seed: int = 0, digit: int = 3, method: str | None = None, size: int
     w = x[0, 0] * disk_mask(size, size, radius=size / 4).float()
     pixel = divmod(int(w.argmax()), size)
     if pretrained:
-        from . import zoo
+        from ..run import zoo
         name = name or ZOO_MODEL
         model = models.create(name, pretrained=True)                           # the zoo's clear error if absent
         twin = zoo.initial_twin(name, calibrate=imgs[:64])
@@ -404,7 +404,7 @@ def angle_errors(*, methods=("fd", "gauss", "rbffd"), steps: int = 8, fields: in
 
 def error_vs_angle_figure(errors: dict):
     """Relative error vs angle (log scale; exact zeros drawn at 1e-16) for each discretisation, in the
-    kit's direction and the opposite one (:func:`kit.viz.plot_error_vs_angle`)."""
+    kit's direction and the opposite one (:func:`kit.explore.viz.plot_error_vs_angle`)."""
     fig, ax = plt.subplots(1, 2, figsize=(12, 3.8), sharey=True)
     colors = {"fd": "#1f77b4", "gauss": "#2ca02c", "rbffd": "#d62728"}
     marks = {"fd": "o", "gauss": "s", "rbffd": "^"}
@@ -441,7 +441,7 @@ def precision_by_depth(*, method: str = "gauss", widths=None, seed: int = 0, bat
     :func:`kit.equivariance.check` (``roundoff=True``; ``error_f32 <= floor + error_f64``).
     ``widths`` overrides the six widths (``None``: the paper's 16, 24, 32, 32, 48, 64).
     """
-    from .equivariance import check, float64_twin
+    from ..equivariance import check, float64_twin
 
     torch.manual_seed(seed)
     name = "nepdo-mnist-regular-gauss" if method == "gauss" else "nepdo-mnist-regular-fd"

@@ -1,4 +1,4 @@
-"""ipywidgets explorers: thin wrappers that redraw a :mod:`kit.viz` figure when a control moves.
+"""ipywidgets explorers: thin wrappers that redraw a :mod:`kit.explore.viz` figure when a control moves.
 
 Every explorer of the kit is built by :func:`explorer`: an ``ipywidgets`` container whose ``state``
 dict holds the figure shown now and a draw counter; the figure is re-rendered into an ``Output``

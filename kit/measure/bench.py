@@ -19,7 +19,7 @@ C4, D4, C8 and C16 (the ``compare`` extra, ``make compare``), it measures:
   (:func:`kit.models.calibrate_batchnorm`; an uncalibrated untrained net barely depends on its input).
 * **parameters and MACs per image** (conv / matmul MACs counted by ``FlopCounterMode``, the dynamic
   per-pixel aggregation of E4 and Neural ePDO layers added through the layers' ``dynamic_macs`` hook:
-  the kit's one counter, :func:`kit.complexity.count_macs`),
+  the kit's one counter, :func:`kit.measure.complexity.count_macs`),
   and the batch-independent MACs of building the kernels from the parameters in a training step.
 * **throughput** (images/s) of the forward pass (eval mode, no gradient, cached kernels) and of
   forward + backward (train mode, kernels rebuilt, as in a training step), the median of
@@ -50,19 +50,19 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from . import models
-from .equivariance import check, error_vs_angle, float64_twin
-from .fields import FieldType
-from .groups import Group, cyclic, dihedral
-from .layers.base import EquivariantModule, EquivariantSequential, FieldReLU
-from .layers.registry import example_block, families, fields_for
-from ._io import atomic_write_json, atomic_write_text
+from .. import models
+from ..equivariance import check, error_vs_angle, float64_twin
+from ..fields import FieldType
+from ..groups import Group, cyclic, dihedral
+from ..layers.base import EquivariantModule, EquivariantSequential, FieldReLU
+from ..layers.registry import example_block, families, fields_for
+from .._io import REPO_DIR, atomic_write_json, atomic_write_text
 from .timing import alternated, peak_memory, sync, timed
 
 __all__ = ["Entry", "entries", "angles", "list_entries", "escnn_available", "EscnnBlock", "throughput",
            "measure_entry", "paired_ratio", "run", "load_results", "table_markdown", "comparison_markdown", "error_figure", "speed_figure", "main"]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_DIR
 OUT_DIR = REPO / "figures" / "bench"
 def angles(step: float = 5) -> tuple[float, ...]:
     """``0, step, ..., 360`` degrees (``step`` must divide 360, so 90 degrees is on the list when 90 is)."""
@@ -231,14 +231,14 @@ def _exact_elements(G: Group):
 
 
 def _digits(n: int, seed: int = 0) -> torch.Tensor:
-    from .sample import load_sample
+    from ..data.sample import load_sample
     imgs = load_sample()["images"]                                           # (N, 1, 28, 28)
     idx = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
     return imgs[idx].float()
 
 
 def _macs_of(module: nn.Module, x: torch.Tensor) -> dict:
-    """The benchmark's MAC columns, from the kit's one counter (:func:`kit.complexity.count_macs`)."""
+    """The benchmark's MAC columns, from the kit's one counter (:func:`kit.measure.complexity.count_macs`)."""
     from .complexity import count_macs
     c = count_macs(module, tuple(x.shape[1:]))
     return {"macs": c.macs, "macs_counted": c.macs_counted, "macs_dynamic": c.macs_dynamic,
@@ -285,7 +285,7 @@ def _warm_up(device: torch.device, seconds: float = 1.0):
 
 
 def paired_ratio(a: nn.Module, b: nn.Module, x: torch.Tensor, *, rounds: int = 9, warmup: int = 2) -> dict:
-    """Time ``a`` over time ``b`` on the same input, measured in alternation (:func:`kit.timing.alternated`)
+    """Time ``a`` over time ``b`` on the same input, measured in alternation (:func:`kit.measure.timing.alternated`)
     so that a drift of the machine's speed hits both alike: the median over ``rounds`` of the per-round
     ratio, for the forward pass (eval, no grad) and for forward + backward (train)."""
 
@@ -514,7 +514,7 @@ def run(pattern: str = "*", *, out_dir: str | Path = OUT_DIR, device: str = "cpu
 
 
 def _save_fig(fig, path: Path) -> Path:
-    from .viz import save
+    from ..explore.viz import save
     save(fig, path)
     import matplotlib.pyplot as plt
     plt.close(fig)

@@ -335,12 +335,12 @@ def train_with_initial(model: str = "p4-mnist", *, dataset: str = "mnist-rot-reb
                        epochs: int = 2, train_subset: int | None = 2000, val_subset: int | None = 500,
                        test_subset: int | None = 1000, seed: int = 0, threads: int | None = None,
                        progress: bool = False, out_dir=None, **overrides):
-    """``(trained, initial, summary)``: a registry model trained with :func:`kit.train.train` and a copy
+    """``(trained, initial, summary)``: a registry model trained with :func:`kit.run.train.train` and a copy
     of its weights at initialisation (the control of the redundancy analysis)."""
     import copy
 
-    from . import models
-    from .train import train
+    from .. import models
+    from ..run.train import train
 
     torch.manual_seed(seed)
     net = models.create(model)
@@ -353,9 +353,10 @@ def train_with_initial(model: str = "p4-mnist", *, dataset: str = "mnist-rot-reb
 
 def pretrained_with_initial(model: str = "p4-mnist"):
     """``(trained, initial, summary)`` from the zoo: the trained weights of ``model``
-    (:mod:`kit.zoo`) and exactly the initial weights its training run started from
-    (:func:`kit.zoo.initial_twin`); ``summary`` is the run's summary (as :func:`train_with_initial`)."""
-    from . import models, zoo
+    (:mod:`kit.run.zoo`) and exactly the initial weights its training run started from
+    (:func:`kit.run.zoo.initial_twin`); ``summary`` is the run's summary (as :func:`train_with_initial`)."""
+    from .. import models
+    from ..run import zoo
 
     trained = models.create(model, pretrained=True)
     initial = zoo.initial_twin(model)

@@ -1,6 +1,6 @@
 """One training loop for every model and dataset of the kit, with the papers' recipes as presets.
 
-    from kit.train import train
+    from kit.run.train import train
     summary = train("p4-mnist", "mnist-rot-rebuilt", preset="mnist-quick", epochs=3, out_dir="runs/x")
 
 What it does, once for everyone:
@@ -27,7 +27,7 @@ What it does, once for everyone:
   the averaged gradient is that of the global batch. Batch-norm statistics stay per rank (standard
   DDP; ``sync_bn=True`` converts them on GPUs)::
 
-      torchrun --nproc_per_node 2 -m kit.train --model p4-mnist --dataset mnist-rot-rebuilt --out runs/ddp
+      torchrun --nproc_per_node 2 -m kit.run.train --model p4-mnist --dataset mnist-rot-rebuilt --out runs/ddp
 """
 from __future__ import annotations
 
@@ -48,16 +48,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import data as kdata
-from . import models
-from ._io import atomic_write, atomic_write_json
-from .groups import rotate_batch
+from .. import data as kdata
+from .. import models
+from .._io import KIT_DIR, atomic_write, atomic_write_json
+from ..groups import rotate_batch
 
 __all__ = ["RUN_FILE", "METRICS_FILE", "CHECKPOINT_FILE", "SUMMARY_FILE", "PARAMS_FILE", "ERROR_FILE", "RUN_FILES",
            "Recipe", "PRESETS", "get_recipe", "lr_at", "build_model", "augment", "evaluate", "train",
            "NonFiniteLossError", "read_metrics", "load_checkpoint", "BEST_TEST_LABEL", "curves_figure", "summary_table"]
 
-# The files of a run folder: kit.train writes the first four, the sweep runner (kit.runs) the last two.
+# The files of a run folder: kit.run.train writes the first four, the sweep runner (kit.run.sweeps) the last two.
 RUN_FILE = "run.json"               # what is trained, on what (at the start)
 METRICS_FILE = "metrics.jsonl"      # one JSON line per epoch
 CHECKPOINT_FILE = "checkpoint.pt"   # model, optimiser, RNG states (after every epoch)
@@ -351,7 +351,7 @@ def evaluate(model: nn.Module, split, *, batch_size: int = 500, device="cpu") ->
 def _eqkit_commit() -> str | None:
     """The git commit of the kit's source tree (``+uncommitted`` if kit/ has local changes), or None."""
     import subprocess
-    here = Path(__file__).resolve().parent
+    here = KIT_DIR
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         if head.returncode:
@@ -743,7 +743,7 @@ def _parse_value(v: str):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kit.train", description="Train one model (torchrun-ready).")
+    ap = argparse.ArgumentParser(prog="python -m kit.run.train", description="Train one model (torchrun-ready).")
     ap.add_argument("--model", default="p4-mnist", help="registry name or module:callable")
     ap.add_argument("--dataset", default="mnist-rot-rebuilt", help=f"one of {', '.join(kdata.DATASETS)}")
     ap.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: the model card's)")

@@ -32,17 +32,17 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ._io import atomic_write, atomic_write_json, atomic_write_text, file_digest
+from .._io import KIT_DIR, atomic_write, atomic_write_json, atomic_write_text, file_digest
 from .train import CHECKPOINT_FILE, PARAMS_FILE, SUMMARY_FILE
-from .data import _atomic_savez as _savez
-from .layers.base import EquivariantModule
+from ..data import _atomic_savez as _savez
+from ..layers.base import EquivariantModule
 
 __all__ = ["WEIGHTS_DIR", "HELDOUT_SIZE", "Standardized", "list_pretrained", "manifest", "weights_path",
            "describe_weights",
            "load_pretrained", "initial_twin", "heldout", "heldout_accuracy", "build_heldout", "export_run", "export_sweep",
            "zoo_rows", "zoo_markdown", "sha256"]
 
-PKG = Path(__file__).resolve().parent
+PKG = KIT_DIR
 WEIGHTS_DIR = PKG / "weights"
 HELDOUT_FILE = PKG / "assets" / "mnist_rot_heldout.npz"
 HELDOUT_SIZE = 2000
@@ -180,13 +180,13 @@ def load_pretrained(name: str, model: nn.Module, root=None) -> nn.Module:
 
 def initial_twin(name: str, *, calibrate: torch.Tensor | None = None, root=None) -> nn.Module:
     """The untrained twin of zoo model ``name``: exactly the weights its training run started from
-    (``kit.train.train`` seeds torch, numpy and random with the run's seed right before building
+    (``kit.run.train.train`` seeds torch, numpy and random with the run's seed right before building
     the model), with the same input normalisation, in eval mode. ``calibrate``: a batch of images
     in [0, 1] to set its batch-norm statistics (an untrained net with the default statistics barely
     depends on its input; see :func:`kit.models.calibrate_batchnorm`)."""
     import random
 
-    from . import models
+    from .. import models
     man = manifest(name, root)
     seed = int(man["seed"])
     torch.manual_seed(seed)
@@ -206,7 +206,7 @@ def build_heldout(root=None, out=HELDOUT_FILE) -> Path:
     """Write the held-out subset: the first :data:`HELDOUT_SIZE` digits of the rebuilt MNIST-rot
     *test* split (never trained on), uint8 ``round(255 x)``, with their labels and angles. Needs
     the raw MNIST files (``kit.data.mnist_root``); deterministic."""
-    from . import data as kdata
+    from .. import data as kdata
     d = kdata.mnist_rot_rebuilt("test", HELDOUT_SIZE, root=root)
     imgs = np.clip(np.rint(np.asarray(d["images"]) * 255.0), 0, 255).astype(np.uint8)
     return _savez(Path(out), images=imgs, labels=np.asarray(d["labels"], np.uint8),
@@ -252,7 +252,7 @@ def _paper(card) -> dict:
     acc = rep.get("accuracy") or (round(100 - rep["test_error"], 4) if rep.get("test_error") is not None else None)
     of = name
     if acc is None and ref:
-        from . import models
+        from .. import models
         try:
             r2 = models.model_card(ref).reported or {}
         except ValueError:
@@ -268,8 +268,8 @@ def export_run(run_dir, *, out_dir=None, log=print) -> dict:
     """Export one finished zoo run (``runs/zoo/<model>``) into the weights folder: the float32 state
     dict and its manifest, both written atomically; the held-out accuracy is measured on the file
     just written, loaded back through :func:`load_pretrained`."""
-    from . import models
-    from .complexity import count_macs
+    from .. import models
+    from ..measure.complexity import count_macs
     from .train import load_checkpoint
 
     d = Path(run_dir)
@@ -341,7 +341,7 @@ def _family(card) -> str:
 def export_sweep(sweep_dir=None, *, only: str = "*", out_dir=None, log=print) -> list[dict]:
     """Export every finished run of the zoo sweep (``runs/zoo`` by default)."""
     import fnmatch
-    from .runs import REPO
+    from .sweeps import REPO
     sd = Path(sweep_dir or REPO / "runs" / "zoo")
     if not sd.is_dir():
         raise FileNotFoundError(f"no zoo runs in {sd}; train them first: python -m kit sweep sweeps/zoo.yaml")
@@ -404,7 +404,7 @@ def zoo_markdown(rows=None, *, short: bool = False) -> str:
 
 def write_report(path=None, *, log=print) -> Path:
     """Write the full zoo table (``figures/zoo.md``) from the committed manifests."""
-    from .runs import REPO
+    from .sweeps import REPO
     path = Path(path or REPO / "figures" / "zoo.md")
     text = ("# The trained zoo\n\nEvery model of `kit.models.list_models(pretrained=True)`, trained by the kit's own "
             "sweep (`sweeps/zoo.yaml`, `make zoo`); each row is read from its manifest `kit/weights/<model>.json`.\n\n"
@@ -423,14 +423,14 @@ def write_report(path=None, *, log=print) -> Path:
 
 # ------------------------------------------------------------- the instrument on trained models
 def _calibration_digits(n: int = 256) -> torch.Tensor:
-    from .groups import disk_mask
-    from .sample import load_sample
+    from ..groups import disk_mask
+    from ..data.sample import load_sample
     return load_sample()["images"][-n:] * disk_mask(28, 28).float()           # (n, 1, 28, 28)
 
 
 def _digits(n: int) -> torch.Tensor:
-    from .groups import disk_mask
-    from .sample import load_sample
+    from ..groups import disk_mask
+    from ..data.sample import load_sample
     return load_sample()["images"][:n] * disk_mask(28, 28).float()            # (n, 1, 28, 28)
 
 
@@ -439,8 +439,8 @@ def error_vs_angle_study(names=None, *, step: float = 5.0, digits: int = 8) -> d
     360 degrees, trained and untrained twin (:func:`initial_twin`, batch norm calibrated on 256 real
     digits), each with its interpolation floor (:func:`kit.equivariance.error_vs_angle`), on
     ``digits`` digits of the bundled sample. Returns ``{name: {"trained": [Record], "initial": [Record]}}``."""
-    from . import models
-    from .equivariance import error_vs_angle
+    from .. import models
+    from ..equivariance import error_vs_angle
     names = list_pretrained() if names is None else list(names)
     if not 0 < step <= 360:
         raise ValueError(f"step must be in (0, 360] degrees, got {step}")
@@ -460,7 +460,7 @@ def error_vs_angle_figure(study: dict, *, ncols: int = 3):
     twin (dashed), with the interpolation floor of each (dotted); grid-exact angles marked."""
     import matplotlib.pyplot as plt
 
-    from .viz import plot_error_vs_angle
+    from ..explore.viz import plot_error_vs_angle
     names = list(study)
     nrows = -(-len(names) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False, sharex=True)
@@ -494,8 +494,8 @@ def precision_rows(names=None, *, digits: int = 8) -> list[dict]:
     """For every zoo model, at the elements exact on the pixel grid: the float32 invariance error of
     the trained logits, its round-off floor (``check(..., roundoff=True)``) and the float64 error
     (:func:`kit.equivariance.float64_twin`); ``above_floor`` flags a float32 error above its floor."""
-    from . import models
-    from .equivariance import check, float64_twin
+    from .. import models
+    from ..equivariance import check, float64_twin
     names = list_pretrained() if names is None else list(names)
     x = _digits(digits)
     rows = []

@@ -1,8 +1,8 @@
 """Speed and memory of separable vs non-separable group convolutions at equal widths.
 
-    python -m kit.bench_separable                      # one 32 -> 32 layer, 28x28, N = 4, 8, 16, CPU
-    python -m kit.bench_separable --level model        # the whole small / full ResNets
-    python -m kit.bench_separable --device cuda        # on a GPU
+    python -m kit.measure.bench_separable                      # one 32 -> 32 layer, 28x28, N = 4, 8, 16, CPU
+    python -m kit.measure.bench_separable --level model        # the whole small / full ResNets
+    python -m kit.measure.bench_separable --device cuda        # on a GPU
 
 For each variant: the median wall time of one forward + backward pass (kernel synthesis by the SIREN
 included, as in training), the bytes of tensors saved for the backward pass (exact, via
@@ -22,8 +22,8 @@ import statistics
 
 import torch
 
-from .layers.separable import VARIANTS, LieGroupConv
-from .lie import SE2, LieGrid, Sim2
+from ..layers.separable import VARIANTS, LieGroupConv
+from ..lie import SE2, LieGrid, Sim2
 from .timing import RSSPeak, peak_memory, timed
 
 __all__ = ["measure", "layer_macs", "benchmark", "with_ratios", "table", "main"]
@@ -72,7 +72,7 @@ def _build(level, variant, rotations, scales, width, batch, size, kernel_size, s
         m = LieGroupConv(grid=grid, in_fields=width, out_fields=width, kernel_size=kernel_size, variant=variant)
         x = torch.randn(batch, width, grid.dim, size, size)
     else:
-        from .models.separable import SepGResNet
+        from ..models.separable import SepGResNet
         m = SepGResNet(grid=grid, variant=variant, widths=(width, width, 2 * width), kernel_size=kernel_size)
         x = torch.randn(batch, 1, 28, 28)
     return grid, m, x

@@ -1,6 +1,6 @@
 """The one explorer state: a model's stem and one of its layers, a real digit and a pixel, with the
 group moves every explorer needs (act on the digit, follow a pixel through a group element) and the
-line that says which weights are shown. Family explorers (:mod:`kit.e4viz`, :mod:`kit.epdoviz`) add
+line that says which weights are shown. Family explorers (:mod:`kit.explore.e4`, :mod:`kit.explore.epdo`) add
 their own accessors in a subclass; nothing here knows a family.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .groups import Element, Group
+from ..groups import Element, Group
 
 __all__ = ["Lab"]
 
@@ -40,7 +40,7 @@ class Lab:
 
     def describe(self, arch: str | None = None) -> str:
         """One line: which model, which weights (the zoo manifest's accuracies for a trained one)."""
-        from . import zoo
+        from ..run import zoo
         return zoo.describe_weights(self.name, pretrained=self.pretrained, arch=arch or "")
 
     @torch.no_grad()

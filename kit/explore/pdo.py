@@ -1,5 +1,5 @@
 """Notebook 04 (PDO-eConvs and the stencil library) in library form: studies, figure builders and
-the stencil-gallery explorer on top of :mod:`kit.layers.stencils` and :mod:`kit.layers.pdo`.
+the stencil-gallery explorer on top of :mod:`kit.kernels.stencils` and :mod:`kit.layers.pdo`.
 
 * :func:`stencil_figure` / :func:`stencil_gallery_figure`: stencils as heat maps **with their
   numbers** written in the cells (one operator, or operators x discretisations).
@@ -15,26 +15,25 @@ the stencil-gallery explorer on top of :mod:`kit.layers.stencils` and :mod:`kit.
   (the paper's quadratic order: slope 2).
 * :func:`stencil_gallery`: ipywidgets explorer (operator, discretisation, size, Gaussian width).
 
-Every figure function returns a matplotlib figure (save it with :func:`kit.viz.save`).
+Every figure function returns a matplotlib figure (save it with :func:`kit.explore.viz.save`).
 """
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .equivariance import Record, error_vs_angle
-from .groups import cyclic, disk_mask, rotation_matrix
-from .layers import EquivariantSequential, FieldReLU
-from .layers.pdo import PDOGroupConv, PDOLiftingConv, refinement_study
-from .layers.stencils import DEFAULT_SIGMA, METHODS, stencil, stencil_bank
-from .reps import component_index, component_name, components, substitution_matrix
-from .viz import plot_error_vs_angle, save
+from ..equivariance import Record, error_vs_angle
+from ..groups import cyclic, disk_mask, rotation_matrix
+from ..layers import EquivariantSequential, FieldReLU
+from ..layers.pdo import PDOGroupConv, PDOLiftingConv, refinement_study
+from ..kernels.stencils import DEFAULT_SIGMA, METHODS, stencil, stencil_bank
+from ..reps import component_index, component_name, components, substitution_matrix
+from .viz import plot_error_vs_angle
 
 __all__ = ["OPERATORS", "GALLERY_OPERATORS", "DEFAULT_SIGMA", "operator_coefficients", "operator_label",
            "stencil_figure", "stencil_gallery_figure", "rotated_kernels", "rotated_kernels_figure", "layer_error_study",
@@ -304,7 +303,7 @@ def rotated_kernels_figure(operator="dx", ns=(4, 6, 8), *, method: str = "fd", o
 
 # ---------------------------------------------------------------- error vs angle
 def _digits(n_digits: int, upsample: int, first: int = 0) -> torch.Tensor:
-    from .sample import load_sample
+    from ..data.sample import load_sample
 
     x = load_sample()["images"][first:first + n_digits]
     if upsample > 1:

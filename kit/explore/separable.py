@@ -13,7 +13,7 @@ grids of any size, separable vs non-separable kernels, and error vs angle for SE
   invariant part, or the logits of untrained, BN-calibrated ResNets.
 * :func:`exactness_table`: every layer variant on SE(2) and Sim(2) at the 90-degree rotations.
 
-Trained kernels (the zoo, :mod:`kit.zoo`):
+Trained kernels (the zoo, :mod:`kit.run.zoo`):
 
 * :func:`zoo_pair` returns a trained zoo model and its initial twin (the exact weights its run started
   from); :func:`kernel_layer` picks one of their convolutions by name (``"stages.0.conv1"``).
@@ -22,7 +22,7 @@ Trained kernels (the zoo, :mod:`kit.zoo`):
   function, on the sampled grid (what the loss sees) and on a finer grid of rotations (between the
   samples, where nothing constrains it), and what it did to one layer's H-kernel and spatial kernels.
 * :func:`redundancy_rows` / :func:`redundancy_figure`: the paper's redundancy measure (rank-1 explained
-  variance of each kernel's slices along the input rotation axis, :mod:`kit.redundancy`). The zoo has
+  variance of each kernel's slices along the input rotation axis, :mod:`kit.explore.redundancy`). The zoo has
   no trained *non-separable* SE(2) model; the depthwise-separable one (``dsep-se2-mnist-small``,
   ``k_ij * k_j(x, h)``) is the trained kernel that is free to be non-separable in ``(x, h)``, and is
   compared with its initialisation, an untrained non-separable model and i.i.d. random kernels.
@@ -36,12 +36,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import models, redundancy
-from .equivariance import error_vs_angle
-from .groups import disk_mask
-from .layers.separable import LieGroupConv, LieLiftingConv, _inv_det, _LieConv, _spatial_coords, _spatial_mask
-from .lie import SE2, LieGrid, Sim2
-from .sample import load_sample
+from .. import models
+from . import redundancy
+from ..equivariance import error_vs_angle
+from ..groups import disk_mask
+from ..layers.separable import LieGroupConv, LieLiftingConv, _inv_det, _LieConv, _spatial_coords, _spatial_mask
+from ..lie import SE2, LieGrid, Sim2
+from ..data.sample import load_sample
 
 __all__ = ["make_layers", "resample", "h_kernel", "spatial_kernels", "kernel_function_figure",
            "side_by_side_figure", "error_sweep", "exactness_table", "exactness_text", "grid_explorer",
@@ -242,8 +243,8 @@ def error_sweep(*, grids=(4, 8, 16), step: float = 5.0, seed: int = 0, digit: in
         raise ValueError(f"step must be in (0, 360] degrees, got {step}")
     if level not in ("layer", "model"):
         raise ValueError(f"level must be 'layer' or 'model', got {level!r}")
-    from .layers import EquivariantSequential, GroupPool
-    from .models.separable import SepGResNet
+    from ..layers import EquivariantSequential, GroupPool
+    from ..models.separable import SepGResNet
 
     imgs = load_sample()["images"] * disk_mask(28, 28).float()
     calib, x = imgs[-calibration:], imgs[digit:digit + 1]
@@ -263,8 +264,8 @@ def error_sweep(*, grids=(4, 8, 16), step: float = 5.0, seed: int = 0, digit: in
 def exactness_table(*, grids=None, seed: int = 0) -> list[dict]:
     """Largest equivariance error over the rotations by multiples of 90 degrees, for every layer
     variant on SE(2) and Sim(2) (real digits as input); all should be float noise."""
-    from .equivariance import check, max_error
-    from .layers.separable import LIFT_VARIANTS, VARIANTS, LieLiftingConv as Lift
+    from ..equivariance import check, max_error
+    from ..layers.separable import LIFT_VARIANTS, VARIANTS, LieLiftingConv as Lift
 
     grids = grids or [SE2(4), SE2(8), Sim2(4, 3)]
     imgs = load_sample()["images"] * disk_mask(28, 28).float()
@@ -313,17 +314,17 @@ def grid_explorer(layer: LieGroupConv, *, initial: LieGroupConv | None = None, r
 
 # ------------------------------------------------------------------------- trained kernels (zoo)
 def _net(model: nn.Module) -> nn.Module:
-    from .zoo import Standardized
+    from ..run.zoo import Standardized
     return model.net if isinstance(model, Standardized) else model
 
 
 def zoo_pair(name: str = SE2_MODEL, *, root=None, calibrate: torch.Tensor | None = None):
     """``(trained, initial)``: zoo model ``name`` with its trained weights (``kit.models.create(name,
-    pretrained=True)``, eval mode) and its initial twin (:func:`kit.zoo.initial_twin`, the exact
+    pretrained=True)``, eval mode) and its initial twin (:func:`kit.run.zoo.initial_twin`, the exact
     weights its training run started from). Without weights this raises the zoo's error (it names the
     models that have weights and how to build them). ``root``: another weights folder (development,
     tests); ``calibrate``: images for the twin's batch-norm statistics (the kernels do not use them)."""
-    from . import zoo
+    from ..run import zoo
     if root is None:
         trained = models.create(name, pretrained=True)
     else:
@@ -357,7 +358,7 @@ def open_kernels(pretrained: bool = True, *, layer: str = "stages.0.conv1", seed
 
 def conv_layers(model: nn.Module) -> dict:
     """``{name: layer}``: every SE(2) / Sim(2) convolution of ``model`` (lifting included), named
-    inside the network (a :class:`kit.zoo.Standardized` wrapper is looked through)."""
+    inside the network (a :class:`kit.run.zoo.Standardized` wrapper is looked through)."""
     return {n: m for n, m in _net(model).named_modules() if isinstance(m, _LieConv)}
 
 
@@ -373,7 +374,7 @@ def invariance_90(model: nn.Module, x: torch.Tensor | None = None) -> float:
     """Largest relative change of the logits of a float64 copy of ``model``
     (:func:`kit.equivariance.float64_twin`) under the rotations by multiples of 90 degrees
     (real digits by default)."""
-    from .equivariance import check, float64_twin, max_error
+    from ..equivariance import check, float64_twin, max_error
     m = float64_twin(model)
     G = m.in_type.group
     return max_error(check(m, [e for e in G.elements if G.is_exact_on_grid(e)], x=x))
@@ -522,7 +523,7 @@ def trained_vs_initial_figure(trained: nn.Module, initial: nn.Module, *, layer: 
 
 def redundancy_rows(trained: nn.Module, initial: nn.Module, *, reference: str | nn.Module | None =
                     "nonsep-se2-mnist-small", seed: int = 0) -> list[dict]:
-    """The paper's redundancy measure, layer by layer (:func:`kit.redundancy.compare`): the mean
+    """The paper's redundancy measure, layer by layer (:func:`kit.explore.redundancy.compare`): the mean
     rank-1 explained variance of each kernel's ``(input rotations) x (space)`` slices of the identity
     output element, trained vs initial, the i.i.d. random baseline of that shape, and (``reference``)
     an untrained model of the same architecture (a registry name, built with ``seed``, or a module).

@@ -5,7 +5,7 @@ network or the raw data folder. The file ``kit/assets/mnist_rot_sample.npz`` is 
 MNIST *test* split by :func:`kit.data.rotated_mnist` with seed 2007 (bilinear interpolation) and
 stored as uint8; ``kit/assets/SAMPLE.md`` records its provenance and licence. Rebuild it with::
 
-    python -m kit.sample            # [--out PATH] [--root RAW_MNIST_FOLDER]
+    python -m kit.data.sample            # [--out PATH] [--root RAW_MNIST_FOLDER]
 
 The build is deterministic: rebuilding reproduces the stored arrays exactly.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._io import atomic_write
+from .._io import KIT_DIR, atomic_write
 
 __all__ = ["SAMPLE_FILE", "SAMPLE_SIZE", "SAMPLE_SEED", "SAMPLE_SPLIT", "SAMPLE_MODE",
            "sample_path", "load_sample", "digit", "build_sample"]
@@ -31,7 +31,7 @@ SAMPLE_SEED = 2007
 SAMPLE_SPLIT = "test"
 SAMPLE_MODE = "bilinear"
 
-_DEFAULT_OUT = Path(__file__).resolve().parent / "assets" / SAMPLE_FILE
+_DEFAULT_OUT = KIT_DIR / "assets" / SAMPLE_FILE
 
 
 def sample_path() -> Path:
@@ -40,7 +40,7 @@ def sample_path() -> Path:
         path = Path(p)
     if not path.is_file():
         raise FileNotFoundError(f"bundled sample {path} is missing; rebuild it with "
-                                f"`python -m kit.sample` (needs the raw MNIST files, see kit.data)")
+                                f"`python -m kit.data.sample` (needs the raw MNIST files, see kit.data)")
     return path
 
 
@@ -105,7 +105,7 @@ def build_sample(out: str | os.PathLike | None = None, root: str | os.PathLike |
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kit.sample",
+    ap = argparse.ArgumentParser(prog="python -m kit.data.sample",
                                  description="Rebuild the bundled rotated-MNIST sample from raw MNIST.")
     ap.add_argument("--out", default=None, help=f"output .npz (default: {_DEFAULT_OUT})")
     ap.add_argument("--root", default=None,

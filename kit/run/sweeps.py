@@ -45,13 +45,13 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._io import atomic_write_json, atomic_write_text
+from .._io import REPO_DIR, atomic_write_json, atomic_write_text
 from .train import CHECKPOINT_FILE, ERROR_FILE, PARAMS_FILE, RUN_FILE, SUMMARY_FILE
 
 __all__ = ["REPO", "Run", "Sweep", "load_spec", "notebook_parameters", "run_sweep", "execute_run", "report",
            "RESERVED", "EXECUTORS"]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = REPO_DIR
 RESERVED = ("OUT_DIR", "FIGURES_DIR", "RESUME")          # set by the runner for every run
 SPEC_KEYS = ("name", "notebook", "description", "parameters", "grid", "runs", "run_name", "slurm", "runs_dir",
              "optional")
@@ -101,7 +101,8 @@ def _safe_name(s: str) -> str:
 
 
 def _check_values(params: dict, where: str) -> None:
-    from . import data, models, train
+    from .. import data, models
+    from . import train
     if "MODEL" in params and isinstance(params["MODEL"], str) and ":" not in params["MODEL"]:
         models.model_card(params["MODEL"])                          # lists the valid names
     if "DATASET" in params and params["DATASET"] not in data.DATASETS:
@@ -123,7 +124,7 @@ def _check_values(params: dict, where: str) -> None:
 def load_spec(spec, runs_dir=None) -> Sweep:
     """Parse and validate a sweep spec (a YAML path or a dict) into a :class:`Sweep`."""
     import yaml
-    from . import models
+    from .. import models
 
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
@@ -363,7 +364,7 @@ def _line(res: dict) -> str:
 def _paper_numbers(model: str, dataset: str, fraction=1.0) -> tuple:
     """(accuracy %, params, note) the model's card reports for this kind of dataset, or Nones
     (also for a fraction of the training set: the cards hold full-data numbers)."""
-    from . import models
+    from .. import models
     if fraction not in (None, 1, 1.0):
         return None, None, ""
     try:
@@ -417,7 +418,7 @@ def collect(sweep_dir) -> list[dict]:
             hist = read_metrics(d)
             row = dict(model=params.get("MODEL"), dataset=params.get("DATASET"), preset=params.get("PRESET"),
                        epochs=params.get("EPOCHS"))
-            if (d / RUN_FILE).is_file():           # written by kit.train at the start of a run
+            if (d / RUN_FILE).is_file():           # written by kit.run.train at the start of a run
                 row.update(json.loads((d / RUN_FILE).read_text()))
             row.update(epochs_done=len(hist), final_test_acc=None, test_acc_at_best_val=None,
                        best_test_acc_over_epochs=None,
@@ -460,7 +461,7 @@ def report(sweep, *, runs_dir=None, out_dir=None, figure_path=None, log=print) -
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401
     from .train import BEST_TEST_LABEL
-    from .viz import save
+    from ..explore.viz import save
 
     sdir = _sweep_dir(sweep, runs_dir)
     rows = collect(sdir)

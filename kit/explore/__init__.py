@@ -1,0 +1,1 @@
+"""Explorers: the figures and widgets the notebooks show (one Lab, one show)."""

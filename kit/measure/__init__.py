@@ -1,0 +1,1 @@
+"""Measuring: MAC counting, timing and memory, the benchmarks beside escnn."""
