@@ -28,10 +28,17 @@ help:
 	@echo "  make clean       remove runs/ and caches (keeps $(VENV))"
 	@echo "  make distclean   clean, and also remove $(VENV)"
 
-$(STAMP): pyproject.toml
+# torch's CPU wheels where that index is reachable (otherwise PyPI's, or a local wheel pip is configured with)
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@echo ">>> installing eqkit and its dependencies into $(VENV) (first time: a few minutes)"
-	$(PY) -m pip install -e ".[test]"
+	@echo ">>> installing eqkit with every extra into $(VENV), versions pinned by constraints.txt (first time: a few minutes)"
+	@idx=""; if $(PY) -c "import urllib.request as u; u.urlopen('$(TORCH_INDEX)', timeout=5)" >/dev/null 2>&1; then \
+		idx="--extra-index-url $(TORCH_INDEX)"; echo ">>> CPU builds of torch from $(TORCH_INDEX)"; \
+	else echo ">>> $(TORCH_INDEX) is not reachable: torch from PyPI or the wheels pip is configured with"; fi; \
+	echo "$(PY) -m pip install -c constraints.txt $$idx -e .[all,test]"; \
+	$(PY) -m pip install -c constraints.txt $$idx -e ".[all,test]"
 	@echo ">>> building the fused C++ aggregation of E4 / Neural ePDO (once, about a minute)"
 	$(PY) -c "from kit.kernels.aggregate import fused_extension as f; print('fused aggregation:', 'built' if f() else 'unavailable, the tap loop is used')"
 	@touch $@

@@ -6,14 +6,20 @@ kernels for two operators that were never defined (``torchvision::nms``, ``torch
 eqkit uses only torchvision's datasets and transforms, which need no compiled ops: defining the
 two operator *schemas* (no kernels) lets the pure-Python parts import. Calling the detection ops
 still raises torchvision's own "operator not available" error.
+
+:func:`require` imports an optional dependency or says which extra of eqkit provides it: the core
+(``pip install eqkit``: torch, numpy) runs the groups, layers, models and the instrument; the
+notebooks' figures and widgets need ``[lab]``, sweeps and training tools ``[run]``, RBF-FD stencils
+``[rbf]``.
 """
 from __future__ import annotations
 
+import importlib
 import warnings
 
 import torch
 
-__all__ = ["import_torchvision", "is_compiling"]
+__all__ = ["import_torchvision", "is_compiling", "require"]
 
 _SCHEMAS = {"nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
             "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"}
@@ -43,6 +49,16 @@ def import_torchvision():
         warnings.simplefilter("ignore", UserWarning)          # "Failed to load image Python extension"
         import torchvision
     return torchvision
+
+
+def require(module: str, extra: str, *, feature: str):
+    """``import module``, or an ImportError that names the feature, the missing package and the extra
+    of eqkit that installs it (``pip install 'eqkit[extra]'``)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{feature} needs the package {module.split('.')[0]!r} ({e}), which eqkit's {extra!r} "
+                          f"extra installs: pip install 'eqkit[{extra}]'") from e
 
 
 def is_compiling() -> bool:

@@ -1,4 +1,4 @@
-"""Keep pyproject.toml, environment.yml, the Makefile and .ci/run consistent."""
+"""Keep pyproject.toml, constraints.txt, environment.yml, the Makefile and .ci/run consistent."""
 
 from __future__ import annotations
 
@@ -37,11 +37,19 @@ def version_spec(spec: str) -> str:
 
 
 def pyproject_reqs() -> dict[str, str]:
+    """The core dependencies and every extra but ``compare`` (escnn, added by ``make compare``)."""
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = data["project"]
     reqs = list(project.get("dependencies", []))
-    reqs += project.get("optional-dependencies", {}).get("test", [])
+    for extra, items in project.get("optional-dependencies", {}).items():
+        if extra != "compare":
+            reqs += [r for r in items if normalise(r) != "eqkit"]          # "eqkit[lab,run,rbf]": the extras themselves
     return {normalise(r): r for r in reqs}
+
+
+def constraint_pins() -> dict[str, str]:
+    lines = [l.split("#", 1)[0].strip() for l in (ROOT / "constraints.txt").read_text().splitlines()]
+    return {normalise(l): l for l in lines if l}
 
 
 def environment_reqs() -> tuple[dict[str, str], dict[str, str]]:
@@ -76,16 +84,26 @@ def test_environment_yml_matches_pyproject():
 
 @pytest.mark.parametrize("name", PINNED)
 def test_pinned_versions_agree(name):
-    py = pyproject_reqs()
+    """constraints.txt pins exactly (what `make install` uses), environment.yml pins the same, and the
+    library's range in pyproject.toml admits the pin (a range, never an exact pin: a researcher's own
+    torch must not be downgraded)."""
+    from packaging.requirements import Requirement
+
+    py, pins = pyproject_reqs(), constraint_pins()
     conda, pip = environment_reqs()
     env = {**conda, **pip}
-    assert name in py, f"{name} missing from pyproject.toml"
-    assert name in env, f"{name} missing from environment.yml"
-    py_v, env_v = version_spec(py[name]), version_spec(env[name])
-    assert py_v.startswith("=="), f"{name} must be pinned with == in pyproject.toml, got {py[name]!r}"
-    assert py_v == env_v, (
-        f"{name} pins differ: pyproject.toml {py[name]!r} vs environment.yml {env[name]!r}"
-    )
+    assert name in py and name in pins and name in env, (name, sorted(pins))
+    pin, env_v = version_spec(pins[name]), version_spec(env[name])
+    assert pin.startswith("=="), f"{name} must be pinned with == in constraints.txt, got {pins[name]!r}"
+    assert pin == env_v, f"{name} pins differ: constraints.txt {pins[name]!r} vs environment.yml {env[name]!r}"
+    spec = Requirement(py[name]).specifier
+    assert "==" not in str(spec), f"pyproject.toml pins {name} exactly ({py[name]!r}): declare a range"
+    assert spec.contains(pin[2:]), f"pyproject.toml's {py[name]!r} does not admit the pinned {pin[2:]}"
+
+
+def test_make_install_uses_the_constraints():
+    text = (ROOT / "Makefile").read_text()
+    assert "-c constraints.txt" in text and "constraints.txt" in text.split("$(STAMP):", 1)[1].split("\n", 1)[0]
 
 
 def test_ci_runs_make_test():

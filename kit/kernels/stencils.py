@@ -74,6 +74,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .._compat import require
 from ..groups import kernel_offsets
 from ..reps import MAX_ORDER, _check_order, component_name, components
 
@@ -173,7 +174,8 @@ def _odd_phs(m: int):
     for odd PHS the closed form is short: ``d^a r^m = sum c x^p y^q r^s`` by the product rule,
     and every derivative of order ``< m`` vanishes at ``r = 0``. Checked against the library's
     own ``phs<m>`` in ``tests/test_stencils.py``."""
-    from rbf.basis import EPS, R, RBF
+    basis = require("rbf.basis", "rbf", feature="RBF-FD stencils (method='rbffd')")
+    EPS, R, RBF = basis.EPS, basis.R, basis.RBF
 
     sign = (-1) ** ((m + 1) // 2)
 
@@ -216,7 +218,7 @@ def _odd_phs(m: int):
 
 
 def _rbffd(i: int, j: int, size: int, phi: str, degree: int | None) -> np.ndarray:
-    from rbf.pde.fd import weight_matrix
+    weight_matrix = require("rbf.pde.fd", "rbf", feature="RBF-FD stencils (method='rbffd')").weight_matrix
 
     deg = max(i + j, 2) if degree is None else degree
     if deg < i + j:

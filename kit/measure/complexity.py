@@ -35,12 +35,12 @@ import os
 import statistics
 from dataclasses import asdict, dataclass
 
-import matplotlib.pyplot as plt
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from .._compat import require
 from .. import models
 from ..groups import Group, cyclic, dihedral
 from ..layers.base import EquivariantModule
@@ -249,6 +249,7 @@ def cost_figure(rows: list[dict]):
     for r in rows:
         groups.setdefault(r["input"], []).append(r["model"])
     width = max(len(g) for g in groups.values())
+    plt = require("matplotlib.pyplot", "lab", feature="the cost figure")
     fig, axes = plt.subplots(len(groups), 2, figsize=(max(8.0, 2.6 * width + 1.5), 4.2 * len(groups)), squeeze=False)
     for row_axes, (inp, names) in zip(axes, groups.items()):
         for ax, key in zip(row_axes, ("params", "macs")):

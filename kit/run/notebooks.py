@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .._compat import require
 from .._io import REPO_DIR
 
 __all__ = ["REPO", "notebook_paths", "execute"]
@@ -36,7 +37,7 @@ def execute(path: str | Path, out_dir: str | Path, *, figures_dir: str | Path | 
     nteract/papermill#723; the widgets are tested headless in ``tests/test_widgets.py`` and in a
     real browser instead). ``timeout`` is per cell, in seconds.
     """
-    import papermill as pm
+    pm = require("papermill", "run", feature="executing the notebooks")
 
     path, out_dir = Path(path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

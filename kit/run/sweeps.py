@@ -45,6 +45,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .._compat import require
 from .._io import REPO_DIR, atomic_write_json, atomic_write_text
 from .train import CHECKPOINT_FILE, ERROR_FILE, PARAMS_FILE, RUN_FILE, SUMMARY_FILE
 
@@ -123,7 +124,7 @@ def _check_values(params: dict, where: str) -> None:
 
 def load_spec(spec, runs_dir=None) -> Sweep:
     """Parse and validate a sweep spec (a YAML path or a dict) into a :class:`Sweep`."""
-    import yaml
+    yaml = require("yaml", "run", feature="reading a sweep spec")
     from .. import models
 
     if isinstance(spec, (str, os.PathLike)):
@@ -231,7 +232,7 @@ def run_status(run_dir) -> str:
 def execute_run(run: Run, threads: int | None = None, timeout: int = 24 * 3600) -> dict:
     """Execute one run (papermill) unless it finished before; never raises: returns
     ``{'run', 'status' ('skipped' | 'finished' | 'failed'), 'seconds', 'error'}``."""
-    import papermill as pm
+    pm = require("papermill", "run", feature="running a sweep")
 
     t = time.time()
     d = Path(run.dir)
@@ -315,7 +316,7 @@ def run_sweep(spec, *, jobs: int = 1, executor: str = "local", only: str | None 
                 results.append(res)
                 log(_line(res))
     else:
-        import submitit
+        submitit = require("submitit", "run", feature="submitting a sweep to SLURM")
         folder = sw.dir / ".submitit"
         if executor == "slurm":
             ex = submitit.AutoExecutor(folder=str(folder), cluster="slurm")

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 from .. import data as kdata
 from .. import models
+from .._compat import require
 from .._io import KIT_DIR, atomic_write, atomic_write_json
 from ..groups import rotate_batch
 
@@ -348,6 +349,22 @@ def evaluate(model: nn.Module, split, *, batch_size: int = 500, device="cpu") ->
 # Checkpoints and metrics files
 # =============================================================================================
 
+class _NoBar:
+    """The progress bar's interface, silent (``progress=False``: tqdm is not needed)."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def update(self, *a, **k):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
 def _eqkit_commit() -> str | None:
     """The git commit of the kit's source tree (``+uncommitted`` if kit/ has local changes), or None."""
     import subprocess
@@ -589,7 +606,7 @@ def train(model="p4-mnist", dataset="mnist-rot-rebuilt", *, preset: str | Recipe
             (out / name).unlink(missing_ok=True)
 
     # --- epochs ----------------------------------------------------------------------------------
-    from tqdm import tqdm
+    tqdm = require("tqdm", "run", feature="the training progress bar (progress=True)").tqdm if progress else _NoBar
 
     N, B = len(bundle.train), recipe.batch_size
     n_batches = N // B if recipe.drop_last else math.ceil(N / B)
