@@ -1,10 +1,15 @@
 """The measuring instrument: how equivariant is a module, element by element and angle by angle.
 
-* :func:`check` — relative error ``||f(g.x) - g.f(x)|| / ||g.f(x)||`` for every group element
-  (exact actions: ``rot90`` / ``flip`` and field-axis permutations), measured inside a centred
-  disk so that corners do not count. Exactly equivariant layers give float noise (<= 1e-5 in
-  float32); a plain CNN gives O(1). With ``roundoff=True`` each record also carries the float
-  round-off ``floor`` of that measurement (below): how much of the error rounding alone explains.
+* :func:`check` — relative error ``||f(g.x) - g.f(x)|| / ||g.f(x)||`` for every group element,
+  measured inside a centred disk so that corners do not count. Each record says whether the
+  element's action is **exact** on the pixel grid (multiples of 90 degrees and mirrors: ``rot90`` /
+  ``flip`` and field-axis permutations) or **interpolated** (45 degrees on C8, ...): exact layers give
+  float noise (<= 1e-5 in float32) at the exact elements; at an interpolated element even a perfect
+  map shows the resampling error, so those records carry ``interpolation_floor``, the same
+  round trip as :func:`error_vs_angle`'s floor. A plain CNN gives O(1). With ``roundoff=True``
+  each record also carries the float round-off ``floor`` (below). A network whose spatial sizes
+  break exactness (an odd size before a stride-2 pooling or convolution: its sampling grid is not
+  symmetric under rotation) is named in a warning at ``check`` time.
 * :func:`error_vs_angle` — for any angle, on or off the group grid. The input is rotated by
   interpolation; the output is rotated back and compared. Each record carries the layer's
   ``error`` **and** the interpolation ``floor``: the same measurement with the same resampling but
@@ -40,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -64,6 +70,8 @@ class Record:
     mirror: bool
     error: float
     floor: float | None = None
+    exact: bool | None = None                 # the action maps the pixel grid onto itself (multiples of 90 deg)
+    interpolation_floor: float | None = None  # check(): for an interpolated action, what resampling alone costs
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -221,7 +229,13 @@ def check(module: nn.Module, elements: list[Element] | None = None, x: torch.Ten
     sp = out_type.spatial
     records = []
     with _evaluating(module):
-        y = module(x)
+        with _asymmetric_sampling(module) as broken:
+            y = module(x)
+        if broken:
+            warnings.warn("check: the input size breaks exactness on the grid: " + "; ".join(broken) + ". Rotating "
+                          "the input by 90 degrees does not commute with that subsampling, so even the grid-exact "
+                          "elements are not exact here; use sizes that every stride divides after padding "
+                          "(e.g. 28x28 for the MNIST models).", stacklevel=2)
         dy = y.double() - twin(x.double()) if roundoff else None                  # f(x) - F(x)
         B = x.shape[0]
         for s in range(0, len(elements), batch_elements):
@@ -237,8 +251,56 @@ def check(module: nn.Module, elements: list[Element] | None = None, x: torch.Ten
                     den = _norm(gy, sp)
                     floor = (_norm(dys[i * B:(i + 1) * B], sp) + _norm(out_type.transform(dy, g), sp)) / den \
                         if den > 0 else float("nan")
-                records.append(Record(g, G.degrees(g), bool(g.f), err, floor))
+                exact = G.is_exact_on_grid(g)
+                interp = None if exact else _interpolation_floor(module, in_type, out_type, x, y, g)
+                records.append(Record(g, G.degrees(g), bool(g.f), err, floor, exact, interp))
     return records
+
+
+def _interpolation_floor(module, in_type, out_type, x, y, g) -> float | None:
+    """What resampling alone costs at an interpolated element: for spatial outputs the output's round
+    trip ``g^-1.(g.y)`` against ``y``; for invariant outputs of an image model ``f(g.x)`` against
+    ``f`` of a reference rotation (:func:`reference_rotation`); otherwise unknown (None)."""
+    G = in_type.group
+    if out_type.spatial:
+        return _rel(out_type.transform(out_type.transform(y, g), G.inverse(g)), y, True)
+    if in_type.is_trivial and in_type.spatial:
+        return _rel(module(in_type.transform(x, g)), module(reference_rotation(x, G.degrees(g), mirror=bool(g.f))),
+                    False)
+    return None
+
+
+@contextmanager
+def _asymmetric_sampling(module: nn.Module):
+    """Collects, during one forward, every strided pooling / convolution whose input size leaves an
+    asymmetric sampling grid (``(size + 2 padding - kernel) % stride != 0``), as readable strings."""
+    found, hooks = [], []
+
+    def pair(v):
+        return (v, v) if isinstance(v, int) else tuple(v)[:2]
+    for name, m in module.named_modules():
+        if hasattr(m, "kernel") and type(m).__name__ == "SpatialPool":               # kit's pooling: stride = kernel
+            k, s, p = pair(m.kernel), pair(m.kernel), (0, 0)
+        elif isinstance(getattr(m, "stride", None), (int, tuple)) and not isinstance(m.stride, bool):
+            s = pair(m.stride)
+            k = pair(getattr(m, "kernel_size", s))
+            pd = getattr(m, "padding", 0)
+            p = pair(pd) if isinstance(pd, (int, tuple)) else (0, 0)
+        else:
+            continue
+        if max(s) <= 1:
+            continue
+
+        def hook(mod, args, _out, name=name, k=k, s=s, p=p):
+            H, W = args[0].shape[-2:]
+            if any((n + 2 * pp - kk) % ss for n, kk, ss, pp in zip((H, W), k, s, p)):
+                found.append(f"{name or type(mod).__name__} ({type(mod).__name__}, stride {s[0]}) sees {H}x{W}")
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        yield found
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def error_vs_angle(module: nn.Module, angles, x: torch.Tensor | None = None, *, mirror: bool = False,
@@ -280,7 +342,7 @@ def error_vs_angle(module: nn.Module, angles, x: torch.Tensor | None = None, *, 
                 err = _rel(yb, yy, True)
                 trip = rot(rot(yy, a), -a)
                 floor = _rel(trip, yy, True)
-            records.append(Record(g, a, mirror, err, floor))
+            records.append(Record(g, a, mirror, err, floor, exact=abs(a / 90 - round(a / 90)) < 1e-9))
     return records
 
 
@@ -302,12 +364,15 @@ def max_error(records: list[Record]) -> float:
 
 
 def records_table(records: list[Record]) -> str:
-    """A small fixed-width table of records (for printing in notebooks and logs)."""
-    lines = [f"{'element':>18} {'angle':>7} {'mirror':>6} {'error':>10} {'floor':>10}"]
+    """A small fixed-width table of records (for printing in notebooks and logs): the grid column says
+    whether the action is exact on the pixel grid or interpolated (then with its interpolation floor)."""
+    lines = [f"{'element':>18} {'angle':>7} {'mirror':>6} {'grid':>7} {'error':>10} {'floor':>10} {'interp.floor':>12}"]
     for r in records:
         floor = f"{r.floor:10.2e}" if r.floor is not None else f"{'-':>10}"
+        interp = f"{r.interpolation_floor:12.2e}" if r.interpolation_floor is not None else f"{'-':>12}"
+        grid = "-" if r.exact is None else ("exact" if r.exact else "interp.")
         el = repr(r.element) if r.element is not None else "-"
-        lines.append(f"{el:>18} {r.angle:7.1f} {str(r.mirror):>6} {r.error:10.2e} {floor}")
+        lines.append(f"{el:>18} {r.angle:7.1f} {str(r.mirror):>6} {grid:>7} {r.error:10.2e} {floor} {interp}")
     return "\n".join(lines)
 
 

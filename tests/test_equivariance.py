@@ -213,3 +213,37 @@ def test_neural_epdo_float32_error_grows_gradually_and_at_the_head_bn():
     assert max(others) <= 2.5, [(r["name"], r["growth"]) for r in steps]
     assert head_bn["growth"] >= 5, head_bn
     assert rows[-1]["rel"] <= 1e-5
+
+
+def test_check_marks_interpolated_elements_with_their_floor(digits):
+    """On a C8 model, 45 degrees is an interpolated action: the record says so and carries the
+    interpolation floor (an ideal map's resampling error), so a large error there is not read as a
+    broken model; the quarter turns are exact, with no interpolation floor, and stay at float noise."""
+    import kit.models.epdo  # noqa: F401
+    m = models.calibrate_batchnorm(models.create("nepdo-mnist-regular-fd-small"), digits[:64])
+    recs = check(m, x=digits[64:68])
+    for r in recs:
+        assert r.exact == (r.angle % 90 == 0), r
+        if r.exact:
+            assert r.interpolation_floor is None and r.error < 1e-4, r
+        else:
+            assert r.interpolation_floor is not None and r.interpolation_floor > 1e-2, r
+    table = records_table(recs)
+    assert "interp." in table and "exact" in table and "interp.floor" in table
+    # a spatial output: the floor is the output's round trip, zero where the action is exact
+    lift = LiftingConv(group=cyclic(8), in_channels=1, out_fields=2, kernel_size=5).eval()
+    r45 = check(lift, x=digits[:2])[1]
+    assert not r45.exact and 0 < r45.interpolation_floor < 1 and r45.error > r45.interpolation_floor / 10
+
+
+def test_check_names_the_layer_whose_sampling_breaks_exactness(digits):
+    """p4-mnist on 27x27 digits loses exactness at its stride-2 pooling of an odd map (9e-2 at 90
+    degrees): check says which layer, instead of reporting a silently broken model; on 28x28 it is silent."""
+    m = models.calibrate_batchnorm(models.create("p4-mnist"), digits[:64])
+    with pytest.warns(UserWarning, match=r"breaks exactness on the grid: .*SpatialPool, stride 2\) sees 27x27"):
+        recs = check(m, x=digits[64:68, :, :27, :27])
+    assert max_error(recs) > 1e-2                                  # the effect the warning explains
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert max_error(check(m, x=digits[64:68])) < 1e-5

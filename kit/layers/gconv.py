@@ -9,6 +9,9 @@ then computes all of them: ``out[b, o, g] = corr(x, K_g)``.
   an exact permutation of pixels -> exactly equivariant (float noise).
 * general C_n / D_n: kernels rotated by bilinear interpolation -> *approximately* equivariant;
   the elements of the C4 / D4 subgroup stay exact.
+* ``stride > 1``: exact on the grid only when ``H + 2 padding - k`` (and the same for W) is a
+  multiple of the stride, so that the sampled positions are symmetric under rotation; an odd 27x27
+  input to a stride-2 layer is not (:func:`kit.equivariance.check` names such a layer in a warning).
 
 Shapes: lifting ``(B, C_in, H, W) -> (B, C_out, |G|, H', W')``; group conv
 ``(B, C_in, |G|, H, W) -> (B, C_out, |G|, H', W')``. The steered filter bank is cached in eval

@@ -191,7 +191,9 @@ class PDOLiftingConv(_PDOConv):
         parametrization: ``"kernel"`` (raw 3x3 weights, the paper's) or ``"pdo"`` (coefficients).
         offset: angle offset in radians (the paper's code: ``pi / 8``).
         padding: default 2 ("same" for the 5x5 stencils); the paper's MNIST net pads 1.
-        stride, bias: as ``conv2d`` (one bias per field; the paper has none).
+        stride, bias: as ``conv2d`` (one bias per field; the paper has none). With ``stride > 1`` the
+            layer is exact on the grid only when ``H + 2 padding - 5`` is a multiple of the stride
+            (a symmetric sampling grid; :func:`kit.equivariance.check` warns otherwise).
 
     Shapes: ``(B, C_in, H, W) -> (B, C_out, |G|, H', W')``.
     """
