@@ -61,7 +61,7 @@ gfortran:
 
 $(COMPARE): $(STAMP)
 	@$(MAKE) --no-print-directory gfortran
-	$(PY) -m pip install -e ".[test,compare]"
+	$(PY) -m pip install -c constraints.txt -e ".[all,test,compare]"
 	@touch $@
 
 compare: $(COMPARE)

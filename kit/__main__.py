@@ -9,6 +9,9 @@
     zoo         the trained zoo: python -m kit zoo export (runs/zoo -> kit/weights/), zoo list, zoo heldout
     check       grid-exact equivariance of registered models, float32 error beside its round-off floor
                 and the float64 error: python -m kit check "nepdo-*" [--seeds 0 1] [--set method=rbffd]
+
+A bad input (a spec with a YAML error, an unknown key, a missing file, CUDA asked for but absent, a
+report before any run) ends in one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -40,7 +43,12 @@ def _reproduce(args) -> int:
             execute(p, REPO / "runs" / "notebooks")
         except Exception as e:  # keep going: report every failing notebook at the end
             failed.append((p.name, e))
-            print(f"  {p.name}: FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            if getattr(e, "ename", None):          # papermill: the exception raised inside the notebook
+                why = f"{e.ename}: {str(e.evalue).strip().splitlines()[0] if str(e.evalue).strip() else ''} (cell " \
+                      f"{getattr(e, 'exec_count', '?')} of runs/notebooks/{p.name})"
+            else:
+                why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            print(f"  {p.name}: FAILED ({why})")
     print(f"done in {time.time() - t:.0f} s; {len(paths) - len(failed)} ok, {len(failed)} failed")
     ok = not failed
     if args.sweep:
@@ -61,8 +69,16 @@ def _sweep(args) -> int:
     from .run.sweeps import report, run_sweep
 
     slurm = _key_values(args.slurm, "--slurm", lambda v: int(v) if v.isdigit() else v)
+    import ast
+
+    def literal(v):                                  # a Python literal (numbers, None, lists), else the string
+        try:
+            return ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            return v
     res = run_sweep(args.spec, jobs=args.jobs, executor=args.executor, only=args.only, slurm=slurm,
-                    threads=args.threads, dry_run=args.dry_run, runs_dir=args.runs_dir)
+                    threads=args.threads, dry_run=args.dry_run, runs_dir=args.runs_dir,
+                    set_params=_key_values(args.set, "--set", literal))
     if args.report and not args.dry_run:
         report(res["sweep"], runs_dir=args.runs_dir)
     return 0 if res["ok"] else 1
@@ -129,12 +145,32 @@ def _check(args) -> int:
     return 0
 
 
+#: what a bad input raises; anything else is a bug and keeps its traceback
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError, KeyError)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _main(argv)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        command = argv[0] if argv and not argv[0].startswith("-") else ""
+        msg = str(e).strip() or type(e).__name__
+        print(f"python -m kit {command}: error: {msg} [--debug: traceback]".replace("kit : ", "kit: "),
+              file=sys.stderr)
+        return 2
+
+
+def _main(argv) -> int:
     if argv[:1] == ["bench"]:                  # its own argument parser (kit/measure/bench.py)
         from .measure.bench import main as bench_main
         return bench_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m kit", description="eqkit command line")
+    parser = argparse.ArgumentParser(prog="python -m kit", description="eqkit command line",
+                                     epilog="--debug (anywhere): show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     rp = sub.add_parser("reproduce", help="execute every notebook with its quick parameters, then the quick sweep")
     rp.add_argument("--notebooks", default="*.ipynb", help="glob of notebooks to run (default: all)")
@@ -154,7 +190,9 @@ def main(argv=None) -> int:
     sp.add_argument("--only", default=None, help="glob of run names to run")
     sp.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     sp.add_argument("--runs-dir", default=None, help="root folder of sweeps (default: runs/)")
-    sp.add_argument("--dry-run", action="store_true", help="list the runs and their status, run nothing")
+    sp.add_argument("--dry-run", action="store_true", help="list the runs and their status, run and write nothing")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a shared parameter of the spec, e.g. --set DATASET=mnist-rot-sample --set EPOCHS=1")
     sp.add_argument("--report", action="store_true", help="write the report afterwards")
     sp.set_defaults(func=_sweep)
 

@@ -19,7 +19,7 @@ import warnings
 
 import torch
 
-__all__ = ["import_torchvision", "is_compiling", "require"]
+__all__ = ["import_torchvision", "is_compiling", "require", "resolve_device"]
 
 _SCHEMAS = {"nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
             "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"}
@@ -59,6 +59,24 @@ def require(module: str, extra: str, *, feature: str):
     except ImportError as e:
         raise ImportError(f"{feature} needs the package {module.split('.')[0]!r} ({e}), which eqkit's {extra!r} "
                           f"extra installs: pip install 'eqkit[{extra}]'") from e
+
+
+def resolve_device(device="auto", *, local_rank: int = 0) -> torch.device:
+    """``"auto"``: the GPU of ``local_rank`` when CUDA is available, else the CPU; anything else as
+    ``torch.device``, with a clear error when CUDA is asked for and this torch has none."""
+    if str(device) == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N' ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "a CPU-only build of torch" if torch.version.cuda is None else "no visible GPU"
+        raise RuntimeError(f"device {str(device)!r} was asked for, but CUDA is not available here (torch "
+                           f"{torch.__version__}, {why}): use device='cpu' or 'auto'")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
 
 
 def is_compiling() -> bool:

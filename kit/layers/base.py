@@ -18,6 +18,15 @@ __all__ = ["EquivariantModule", "KernelCache", "EquivariantSequential", "FieldRe
            "GroupPool", "SpatialPool", "InvariantHead", "field_conv2d"]
 
 
+def _raise_if_mismatched(module: nn.Module, x: torch.Tensor, err: Exception) -> None:
+    """A TypeError naming the layer, the dtype / device of its weights and of the input, when they differ."""
+    p = next((t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()), None)
+    if p is not None and (x.dtype != p.dtype or x.device != p.device):
+        raise TypeError(f"{type(module).__name__} holds {p.dtype} weights on {p.device} but got a {x.dtype} input on "
+                        f"{x.device}: convert one to the other (x.to(model's dtype / device), or model.double() / "
+                        f".to(device))") from err
+
+
 class EquivariantModule(nn.Module):
     """Base class: subclasses set ``self.in_type`` / ``self.out_type`` and implement ``_forward``."""
 
@@ -25,7 +34,14 @@ class EquivariantModule(nn.Module):
     out_type: FieldType
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(self.in_type.check(x, f"{type(self).__name__} input"))
+        x = self.in_type.check(x, f"{type(self).__name__} input")
+        if is_compiling():
+            return self._forward(x)
+        try:
+            return self._forward(x)
+        except RuntimeError as e:                 # torch's own message names neither the layer nor the fix
+            _raise_if_mismatched(self, x, e)
+            raise
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

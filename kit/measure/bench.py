@@ -56,6 +56,7 @@ from ..fields import FieldType
 from ..groups import Group, cyclic, dihedral
 from ..layers.base import EquivariantModule, EquivariantSequential, FieldReLU
 from ..layers.registry import example_block, families, fields_for
+from .._compat import resolve_device
 from .._io import REPO_DIR, atomic_write_json, atomic_write_text
 from .timing import alternated, peak_memory, sync, timed
 
@@ -459,9 +460,7 @@ def run(pattern: str = "*", *, out_dir: str | Path = OUT_DIR, device: str = "cpu
     Returns ``{"results": [...], "skipped": {...}, "failed": {...}, "files": [...]}``.
     """
     out_dir = Path(out_dir)
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
+    dev = resolve_device(device)                                   # a clear error when CUDA is absent
     batch = batch if batch is not None else (128 if dev.type == "cuda" else 16)
     settings = _settings(device=device, batch=batch, size=size, width=width, kernel=kernel, angles=angles,
                          repeats=repeats, warmup=warmup)

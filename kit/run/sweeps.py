@@ -122,8 +122,10 @@ def _check_values(params: dict, where: str) -> None:
         train.get_recipe(params.get("PRESET") or "mnist-quick", **dict(params["OVERRIDES"]))
 
 
-def load_spec(spec, runs_dir=None) -> Sweep:
-    """Parse and validate a sweep spec (a YAML path or a dict) into a :class:`Sweep`."""
+def load_spec(spec, runs_dir=None, *, set_params: dict | None = None) -> Sweep:
+    """Parse and validate a sweep spec (a YAML path or a dict) into a :class:`Sweep`. ``set_params``
+    override the spec's shared ``parameters`` (``python -m kit sweep SPEC --set DATASET=...``), checked
+    against the notebook's parameters like every other value."""
     yaml = require("yaml", "run", feature="reading a sweep spec")
     from .. import models
 
@@ -131,7 +133,13 @@ def load_spec(spec, runs_dir=None) -> Sweep:
         path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"sweep spec {path} not found")
-        spec = yaml.safe_load(path.read_text()) or {}
+        try:
+            spec = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:                          # the file, the line, the column, the problem
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+            what = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+            raise ValueError(f"{where}: YAML syntax error in the sweep spec: {what}") from None
         default_name = path.stem
     else:
         default_name = "sweep"
@@ -146,7 +154,7 @@ def load_spec(spec, runs_dir=None) -> Sweep:
     if not nb.is_file():
         raise FileNotFoundError(f"notebook {nb} of sweep {name!r} not found")
     valid = notebook_parameters(nb)
-    base = dict(spec.get("parameters") or {})
+    base = {**dict(spec.get("parameters") or {}), **dict(set_params or {})}
     grid = dict(spec.get("grid") or {})
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
@@ -269,27 +277,29 @@ def _execute_run_args(args):
 
 
 def run_sweep(spec, *, jobs: int = 1, executor: str = "local", only: str | None = None, runs_dir=None,
-              slurm: dict | None = None, threads: int | None = None, dry_run: bool = False, log=print) -> dict:
+              slurm: dict | None = None, threads: int | None = None, dry_run: bool = False,
+              set_params: dict | None = None, log=print) -> dict:
     """Run every run of a sweep; return ``{'sweep', 'dir', 'results': [...], 'ok': bool}``.
 
     ``jobs``: parallel local runs (process pool; each run gets ``cpu_count // jobs`` torch threads
     unless ``THREADS`` is set). ``executor``: 'local', 'slurm' (submitit, options from the spec's
     ``slurm:`` section and ``slurm``) or 'submitit-local'. ``only``: a glob of run names.
+    ``dry_run``: list the runs and their status, write nothing. ``set_params``: see :func:`load_spec`.
     """
     import fnmatch
 
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}")
-    sw = spec if isinstance(spec, Sweep) else load_spec(spec, runs_dir=runs_dir)
+    sw = spec if isinstance(spec, Sweep) else load_spec(spec, runs_dir=runs_dir, set_params=set_params)
     runs = [r for r in sw.runs if only is None or fnmatch.fnmatch(r.name, only)]
-    sw.dir.mkdir(parents=True, exist_ok=True)
     for name, why in sw.skipped:
         log(f"  {name}: left out ({why}; optional run)")
-    log(f"sweep {sw.name}: {len(runs)} run(s) -> {sw.dir} [{executor}, jobs={jobs}]")
-    if dry_run:
+    log(f"sweep {sw.name}: {len(runs)} run(s) -> {sw.dir} [{executor}, jobs={jobs}]" + (" (dry run)" if dry_run else ""))
+    if dry_run:                                                 # reads the run folders, writes nothing
         for r in runs:
             log(f"  {r.name}: {run_status(r.dir)} {json.dumps(r.params)}")
         return dict(sweep=sw.name, dir=str(sw.dir), results=[], ok=True)
+    sw.dir.mkdir(parents=True, exist_ok=True)
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     t0 = time.time()
@@ -445,6 +455,24 @@ def collect(sweep_dir) -> list[dict]:
     return rows
 
 
+def _pending_runs(sweep, runs_dir) -> str | None:
+    """What to say when a sweep has no runs yet: its pending runs and the papers' targets (from its
+    spec: the path given, or ``sweeps/<name>.yaml``), and the command that runs them; None without a spec."""
+    p = Path(str(sweep))
+    spec = p if p.suffix in (".yaml", ".yml") and p.is_file() else REPO / "sweeps" / f"{p.name}.yaml"
+    if not spec.is_file():
+        return None
+    sw = load_spec(spec, runs_dir=runs_dir)
+    lines = [f"sweep {sw.name!r} has no runs yet in {sw.dir}: run `python -m kit sweep {spec.relative_to(REPO) if spec.is_relative_to(REPO) else spec}`."
+             f" Its {len(sw.runs)} pending run(s) and the papers' targets:"]
+    for r in sw.runs:
+        full = {**notebook_parameters(sw.notebook), **r.params}
+        acc, _, src = _paper_numbers(str(full.get("MODEL")), str(full.get("DATASET") or ""), full.get("FRACTION", 1.0))
+        target = f"paper {acc:.2f} % ({src})" if acc is not None else "no paper number on its card"
+        lines.append(f"  {r.name}: {full.get('MODEL')} on {full.get('DATASET')}, {target}")
+    return "\n".join(lines)
+
+
 def _fmt(v, key=""):
     if v is None:
         return "—"
@@ -464,9 +492,19 @@ def report(sweep, *, runs_dir=None, out_dir=None, figure_path=None, log=print) -
     from .train import BEST_TEST_LABEL
     from ..explore.viz import save
 
-    sdir = _sweep_dir(sweep, runs_dir)
-    rows = collect(sdir)
+    try:
+        sdir = _sweep_dir(sweep, runs_dir)
+        rows = collect(sdir) if sdir.is_dir() else []
+    except FileNotFoundError as e:
+        sdir, rows, missing = None, [], e
+    else:
+        missing = None
     if not rows:
+        pending = _pending_runs(sweep, runs_dir)
+        if pending:
+            raise ValueError(pending)
+        if missing:
+            raise missing
         raise ValueError(f"sweep folder {sdir} has no runs yet (run `python -m kit sweep SPEC.yaml` first)")
     out = Path(out_dir) if out_dir else sdir
     out.mkdir(parents=True, exist_ok=True)

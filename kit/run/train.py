@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from .. import data as kdata
 from .. import models
-from .._compat import require
+from .._compat import require, resolve_device
 from .._io import KIT_DIR, atomic_write, atomic_write_json
 from ..groups import rotate_batch
 
@@ -524,13 +524,11 @@ def train(model="p4-mnist", dataset="mnist-rot-rebuilt", *, preset: str | Recipe
 
     # --- distributed set-up (torchrun) -----------------------------------------------------------
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else str(device).startswith("cuda")
+    device = resolve_device(device, local_rank=int(os.environ.get("LOCAL_RANK", 0)))   # clear error without CUDA
+    use_cuda = device.type == "cuda"
     if world_env > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
     rank, world = _dist()
-    if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu"
-    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
