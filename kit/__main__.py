@@ -7,6 +7,7 @@
     bench       one benchmark across all families beside escnn: python -m kit bench [--only GLOB] [--device cuda]
                 (python -m kit bench --help for its options)
     zoo         the trained zoo: python -m kit zoo export (runs/zoo -> kit/weights/), zoo list, zoo heldout
+    data        python -m kit data fetch mnist (the raw files, md5-checked, into data/mnist); data list
     check       grid-exact equivariance of registered models, float32 error beside its round-off floor
                 and the float64 error: python -m kit check "nepdo-*" [--seeds 0 1] [--set method=rbffd]
 
@@ -112,6 +113,24 @@ def _zoo(args) -> int:
     return 0
 
 
+def _data(args) -> int:
+    from . import data
+
+    if args.action == "list":
+        for name, (_, _, desc) in data.DATASETS.items():
+            print(f"  {name:18s} {desc}")
+        print(f"  {'auto':18s} mnist-rot-rebuilt where raw MNIST is found, else mnist-rot-sample "
+              f"(now: {data.resolve_dataset('auto')})")
+        return 0
+    if args.name != "mnist":
+        raise ValueError(f"data fetch knows 'mnist' (the four raw files); got {args.name!r}. MNIST-rot "
+                         f"(official) and CIFAR are downloaded on first use by kit.data.load_dataset")
+    print(f"fetching raw MNIST (md5-checked) from {', '.join(data.MNIST_MIRRORS)}")
+    folder = data.fetch_mnist(args.dest, log=print)
+    print(f"raw MNIST in {folder}")
+    return 0
+
+
 def _check(args) -> int:
     import ast
     import json
@@ -206,6 +225,11 @@ def _main(argv) -> int:
     zp.add_argument("--runs-dir", default=None, help="the zoo sweep folder (default: runs/zoo)")
     zp.add_argument("--only", default="*", help="glob of run names to export")
     zp.set_defaults(func=_zoo)
+    dp = sub.add_parser("data", help="datasets: fetch raw MNIST ahead of use, list the dataset names")
+    dp.add_argument("action", choices=["fetch", "list"])
+    dp.add_argument("name", nargs="?", default="mnist", help="what to fetch (default: mnist)")
+    dp.add_argument("--dest", default=None, help="folder (default: data/mnist in the repository)")
+    dp.set_defaults(func=_data)
     sub.add_parser("bench", help="one benchmark across all families beside escnn (python -m kit bench --help)")
     cp = sub.add_parser("check", help="grid-exact equivariance of registered models: float32 error, its round-off "
                                       "floor, float64 error")

@@ -6,6 +6,13 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    """Tests never touch the network: no first-use download (a test of a download path passes its own
+    fake ``fetch`` and lifts this)."""
+    monkeypatch.setenv("KIT_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
 

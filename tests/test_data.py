@@ -78,6 +78,7 @@ def fake_mnist_rot(tmp_path, monkeypatch):
 
 
 def test_official_mnist_rot_download_parse_and_cache(tmp_path, fake_mnist_rot, monkeypatch):
+    monkeypatch.delenv("KIT_OFFLINE")                    # a fake fetch stands in for the network
     raw, (tv_i, tv_l, te_i, te_l) = fake_mnist_rot
     root = tmp_path / "data"
     calls = []
@@ -103,6 +104,7 @@ def test_official_mnist_rot_download_parse_and_cache(tmp_path, fake_mnist_rot, m
 
 
 def test_official_mnist_rot_rejects_corrupt_and_reports_offline(tmp_path, fake_mnist_rot, monkeypatch):
+    monkeypatch.delenv("KIT_OFFLINE")                    # a fake fetch stands in for the network
     raw, _ = fake_mnist_rot
     root = tmp_path / "data"
     with pytest.raises(ValueError, match="checksum mismatch"):
@@ -193,9 +195,72 @@ def test_synthetic_and_entry_point_errors():
     assert torch.bincount(y).tolist() == [3] * 10
     b = data.load_dataset("synthetic", train_subset=32, val=False)
     assert b.val is None and b.info["sizes"]["train"] == 32
-    with pytest.raises(ValueError, match="valid datasets: mnist-rot, mnist-rot-rebuilt, cifar10"):
+    with pytest.raises(ValueError, match="valid datasets: auto, mnist-rot, mnist-rot-rebuilt, cifar10"):
         data.load_dataset("mnist-rotated")
     with pytest.raises(ValueError, match="only supported for CIFAR"):
         data.load_dataset("synthetic", fraction=0.5)
     with pytest.raises(ValueError, match="valid: 'none', 'train'"):
         data.load_dataset("synthetic", normalise="imagenet")
+
+
+# ------------------------------------------------------------------ data from the repository alone
+def test_bundled_sample_is_a_dataset():
+    """'mnist-rot-sample': the 500 bundled digits as train / val / test, labelled a smoke test."""
+    from kit.data.sample import load_sample
+    b = data.load_dataset("mnist-rot-sample")
+    assert b.info["sizes"] == {"train": 300, "val": 100, "test": 100} and "not a benchmark" in b.info["label"]
+    s = load_sample()
+    assert torch.equal(b.train.images[:5], s["images"][:5]) and torch.equal(b.test.labels, s["labels"][400:])
+    assert data.load_dataset("mnist-rot-sample", val=False).info["sizes"] == {"train": 400, "val": 0, "test": 100}
+
+
+def test_auto_is_the_sample_without_raw_mnist_and_says_so(monkeypatch):
+    def nothing(root=None):
+        raise FileNotFoundError("raw MNIST not found (test)")
+    monkeypatch.setattr(data, "mnist_root", nothing)
+    assert data.resolve_dataset("auto") == "mnist-rot-sample" and not data.has_raw_mnist()
+    b = data.load_dataset("auto", train_subset=20)
+    assert b.info["name"] == "mnist-rot-sample" and "(dataset 'auto')" in b.info["label"]
+    assert data.resolve_dataset("cifar10") == "cifar10"
+
+
+def test_missing_raw_mnist_says_how_to_fetch_or_use_the_sample(tmp_path, monkeypatch):
+    monkeypatch.setenv("KIT_DATA", str(tmp_path))
+    monkeypatch.setattr(data, "_REPO_ROOT", tmp_path / "clone")            # a clone with no shared folder beside it
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError) as e:
+        data.mnist_root()
+    assert "python -m kit data fetch mnist" in str(e.value) and "mnist-rot-sample" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="mnist-rot-sample"):        # KIT_OFFLINE (conftest): no fetch attempt
+        data.load_mnist_raw("test")
+    assert data.resolve_dataset("auto") == "mnist-rot-sample"
+
+
+@pytest.mark.skipif(not data.has_raw_mnist(), reason="needs the raw MNIST files to serve as the fake mirror")
+def test_fetch_mnist_verifies_tries_mirrors_and_keeps_intact_files(tmp_path, monkeypatch):
+    real = data.mnist_root()
+    served = []
+
+    def mirror(url, fh):                     # the second mirror serves the real bytes, the first corrupt ones
+        served.append(url)
+        body = (real / url.rsplit("/", 1)[1]).read_bytes()
+        fh.write(body if url.startswith("https://good/") else body[:-10])
+    out = data.fetch_mnist(tmp_path / "mnist", mirrors=("https://bad/", "https://good/"), fetch=mirror)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f for f, _ in data.MNIST_FILES.values())
+    assert all(data.md5sum(out / f) == m for f, m in data.MNIST_FILES.values())
+    assert len(served) == 8 and not list(out.glob(".*tmp"))
+    data.fetch_mnist(out, fetch=lambda *a: pytest.fail("intact files are not fetched again"))
+    # first use: a missing raw MNIST is fetched once when online, then read
+    monkeypatch.delenv("KIT_OFFLINE")
+    calls = []
+    monkeypatch.setattr(data, "mnist_root", lambda root=None: (_ for _ in ()).throw(FileNotFoundError("absent")))
+    monkeypatch.setattr(data, "fetch_mnist", lambda *a, **k: calls.append(1) or out)
+    images, labels = data.load_mnist_raw("test")
+    assert calls == [1] and images.shape == (10000, 28, 28)
+
+
+def test_data_command_lists_the_datasets(capsys):
+    from kit.__main__ import main
+    assert main(["data", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "mnist-rot-sample" in out and "auto" in out and "mnist-rot-rebuilt" in out

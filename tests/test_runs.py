@@ -33,7 +33,7 @@ def test_spec_errors_list_the_valid_names(tmp_path):
         runs.load_spec(_spec(tmp_path, parameters={"EPOCH": 1}), runs_dir=tmp_path)
     with pytest.raises(ValueError, match="unknown model .p5-mnist.; valid names: cnn-mnist, .*p4-mnist"):
         runs.load_spec(_spec(tmp_path, grid={"MODEL": ["p5-mnist"]}), runs_dir=tmp_path)
-    with pytest.raises(ValueError, match="valid datasets: mnist-rot, mnist-rot-rebuilt"):
+    with pytest.raises(ValueError, match="valid datasets: auto, mnist-rot, mnist-rot-rebuilt"):
         runs.load_spec(_spec(tmp_path, parameters={**BASE, "DATASET": "mnist"}), runs_dir=tmp_path)
     with pytest.raises(ValueError, match="valid presets: mnist-quick"):
         runs.load_spec(_spec(tmp_path, parameters={**BASE, "PRESET": "e4"}), runs_dir=tmp_path)

@@ -91,8 +91,9 @@ def mnist_root(root: str | os.PathLike | None = None) -> Path:
     1. ``root`` if given (the folder itself or its ``mnist/`` subfolder); no fallback if it lacks
        the files -- an explicit folder that is wrong is an error;
     2. the environment variable ``KIT_DATA`` (the folder itself or its ``mnist/`` subfolder);
-    3. ``../shared/data/mnist`` relative to the repository root (``kit/..``);
-    4. ``../shared/data/mnist`` relative to the current working directory.
+    3. ``<repo>/data/mnist``, where :func:`fetch_mnist` (``python -m kit data fetch mnist``) puts them;
+    4. ``../shared/data/mnist`` relative to the repository root (``kit/..``);
+    5. ``../shared/data/mnist`` relative to the current working directory.
 
     Raises ``FileNotFoundError`` naming the expected files and every folder searched.
     """
@@ -103,7 +104,7 @@ def mnist_root(root: str | os.PathLike | None = None) -> Path:
         env = os.environ.get("KIT_DATA")
         if env:
             candidates += _with_subfolder(Path(env).expanduser())
-        candidates += [_REPO_ROOT / _SHARED_REL, Path.cwd() / _SHARED_REL]
+        candidates += [_REPO_ROOT / "data" / "mnist", _REPO_ROOT / _SHARED_REL, Path.cwd() / _SHARED_REL]
     seen: list[Path] = []
     for c in candidates:
         c = c.resolve()
@@ -119,7 +120,9 @@ def mnist_root(root: str | os.PathLike | None = None) -> Path:
     raise FileNotFoundError(
         f"raw MNIST not found ({how}). Expected the files {files} in one of:\n  {where}\n"
         f"Set the environment variable KIT_DATA to the folder holding them (or to a folder with a "
-        f"'mnist/' subfolder holding them), or pass root=...")
+        f"'mnist/' subfolder holding them), or pass root=...; online, `python -m kit data fetch mnist` downloads "
+        f"them (md5-checked) into {_REPO_ROOT / 'data' / 'mnist'}. Without them, train on the bundled sample: "
+        f"dataset 'mnist-rot-sample' (or 'auto', which picks it when raw MNIST is absent).")
 
 
 # =============================================================================================
@@ -222,7 +225,16 @@ def load_mnist_raw(split: str = "train", root: str | os.PathLike | None = None,
     """
     if split not in MNIST_SPLITS:
         raise ValueError(f"unknown MNIST split {split!r}; valid splits: {', '.join(map(repr, MNIST_SPLITS))}")
-    folder = mnist_root(root)
+    try:
+        folder = mnist_root(root)
+    except FileNotFoundError as missing:              # first use: fetch it when online and allowed
+        if root is not None or _offline():
+            raise
+        try:
+            folder = fetch_mnist()
+        except Exception as e:  # noqa: BLE001 -- offline, DNS, HTTP: say so beside where we looked
+            raise FileNotFoundError(f"{missing}\nFetching it failed too ({type(e).__name__}: {e}); set KIT_OFFLINE=1 "
+                                    f"to skip the attempt.") from None
     (img_name, img_md5), (lab_name, lab_md5) = MNIST_FILES[f"{split}_images"], MNIST_FILES[f"{split}_labels"]
     return _load_mnist_files(folder / img_name, folder / lab_name, img_md5, lab_md5, bool(verify))
 
@@ -375,6 +387,35 @@ def download(url: str, dest: str | os.PathLike, sha1: str | None = None, *, md5:
                              f"truncated download). Nothing was kept; try again.")
     dest = atomic_write(dest, lambda fh: (fetch or _fetch)(url, fh), verify=verify)
     return dest
+
+
+#: where the four raw MNIST files are served (torchvision's mirrors), tried in order
+MNIST_MIRRORS = ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/")
+
+
+def fetch_mnist(dest: str | os.PathLike | None = None, *, mirrors=MNIST_MIRRORS, fetch=None, log=None) -> Path:
+    """Download the four raw MNIST files into ``dest`` (default ``<repo>/data/mnist``, which
+    :func:`mnist_root` searches), each md5-verified (:data:`MNIST_FILES`) and written atomically;
+    files already there and intact are kept. Returns the folder. ``fetch(url, fh)`` replaces the
+    network (tests). Raises the last mirror's error when a file cannot be fetched from any."""
+    folder = Path(dest) if dest is not None else _REPO_ROOT / "data" / "mnist"
+    for fname, md5 in MNIST_FILES.values():
+        target = folder / fname
+        if target.is_file() and md5sum(target) == md5:
+            continue
+        err = None
+        for base in mirrors:
+            try:
+                download(base + fname, target, md5=md5, fetch=fetch)
+                if log:
+                    log(f"  {fname}: {base}")
+                err = None
+                break
+            except Exception as e:  # noqa: BLE001 -- try the next mirror
+                err = e
+        if err is not None:
+            raise err
+    return folder
 
 
 def _atomic_savez(path: Path, **arrays) -> Path:
@@ -767,12 +808,42 @@ def _synthetic(*, val, seed_data, subsets, **_):
     return dict(train=tr, val=va, test=te, rebuilt=False, num_classes=10, label="synthetic (tests)")
 
 
-#: dataset name -> (loader, default normalisation, one-line description)
+def _mnist_rot_sample(*, val, subsets, **_):
+    from .sample import load_sample
+    s = load_sample()
+    x, y = s["images"][:, 0].numpy(), s["labels"].numpy()               # (500, 28, 28) in [0, 1]
+    n_tr = 300 if val else 400
+    tr, va, te = (x[:n_tr], y[:n_tr]), ((x[300:400], y[300:400]) if val else None), (x[400:], y[400:])
+    return dict(train=tr, val=va, test=te, rebuilt=True, num_classes=10,
+                label="the bundled 500-digit sample of rebuilt MNIST-rot (kit/assets): a smoke test, not a benchmark")
+
+
+def has_raw_mnist(root: str | os.PathLike | None = None) -> bool:
+    """True when the four raw MNIST files are found (:func:`mnist_root`)."""
+    try:
+        mnist_root(root)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def resolve_dataset(name: str, root: str | os.PathLike | None = None) -> str:
+    """``"auto"``: ``"mnist-rot-rebuilt"`` where raw MNIST is found (``KIT_DATA``, ``<repo>/data``,
+    ``../shared/data``; ``python -m kit data fetch mnist`` puts it there), else the bundled
+    ``"mnist-rot-sample"``, so that a clone alone runs every quick profile. Other names unchanged."""
+    if name != "auto":
+        return name
+    return "mnist-rot-rebuilt" if has_raw_mnist(root) else "mnist-rot-sample"
+
+
+#: dataset name -> (loader, default normalisation, one-line description); "auto" -> :func:`resolve_dataset`
 DATASETS = {
     "mnist-rot": (_mnist_rot_official, None, "official MNIST-rot archive: 10k train + 2k val / 50k test"),
     "mnist-rot-rebuilt": (_mnist_rot_rebuilt, None, "MNIST-rot rebuilt offline from raw MNIST: 10k + 2k / 50k"),
     "cifar10": (_cifar("cifar10"), "e4", "CIFAR-10 through torchvision (E4 normalisation)"),
     "cifar100": (_cifar("cifar100"), "e4", "CIFAR-100 through torchvision (E4 normalisation)"),
+    "mnist-rot-sample": (_mnist_rot_sample, None, "the bundled 500 rebuilt MNIST-rot digits: 300 + 100 / 100 "
+                                                  "(no download; a smoke test)"),
     "synthetic": (_synthetic, None, "tiny learnable synthetic images (tests): 256 / 64 / 128"),
 }
 
@@ -790,8 +861,9 @@ def load_dataset(name: str, *, val: bool = True, train_subset: int | None = None
     a key of :data:`CIFAR_NORMALISATION` or ``(mean, std)``. ``seed``: the data seed of the
     rebuilt / synthetic / fractional data (default: the dataset's fixed seed).
     """
+    asked, name = name, resolve_dataset(name, root)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}; valid datasets: auto, {', '.join(DATASETS)}")
     if fraction != 1.0 and not name.startswith("cifar"):
         raise ValueError(f"fraction is only supported for CIFAR datasets, not {name!r}")
     loader, default_norm, _ = DATASETS[name]
@@ -807,7 +879,8 @@ def load_dataset(name: str, *, val: bool = True, train_subset: int | None = None
             splits[key] = None
             continue
         splits[key] = TensorData(torch.as_tensor(raw[key][0]), raw[key][1], mean, std).subset(n)
-    info = dict(name=name, label=raw["label"], rebuilt=raw["rebuilt"], num_classes=raw["num_classes"],
+    label = raw["label"] if asked == name else f"{raw['label']} (dataset 'auto')"
+    info = dict(name=name, label=label, rebuilt=raw["rebuilt"], num_classes=raw["num_classes"],
                 input_shape=tuple(splits["train"].images.shape[1:]), normalisation=norm_label,
                 sizes={k: (len(v) if v is not None else 0) for k, v in splits.items()})
     return DataBundle(splits["train"], splits["val"], splits["test"], info)

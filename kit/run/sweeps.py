@@ -106,8 +106,9 @@ def _check_values(params: dict, where: str) -> None:
     from . import train
     if "MODEL" in params and isinstance(params["MODEL"], str) and ":" not in params["MODEL"]:
         models.model_card(params["MODEL"])                          # lists the valid names
-    if "DATASET" in params and params["DATASET"] not in data.DATASETS:
-        raise ValueError(f"{where}: unknown dataset {params['DATASET']!r}; valid datasets: {', '.join(data.DATASETS)}")
+    if "DATASET" in params and params["DATASET"] != "auto" and params["DATASET"] not in data.DATASETS:
+        raise ValueError(f"{where}: unknown dataset {params['DATASET']!r}; valid datasets: auto, "
+                         f"{', '.join(data.DATASETS)}")
     if params.get("PRESET") is not None and params["PRESET"] not in train.PRESETS:
         raise ValueError(f"{where}: unknown preset {params['PRESET']!r}; valid presets: {', '.join(train.PRESETS)}")
     if "PRESET" in params and params["PRESET"] is None and isinstance(params.get("MODEL"), str) \

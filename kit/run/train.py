@@ -760,7 +760,7 @@ def _parse_value(v: str):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kit.run.train", description="Train one model (torchrun-ready).")
     ap.add_argument("--model", default="p4-mnist", help="registry name or module:callable")
-    ap.add_argument("--dataset", default="mnist-rot-rebuilt", help=f"one of {', '.join(kdata.DATASETS)}")
+    ap.add_argument("--dataset", default="mnist-rot-rebuilt", help=f"auto or one of {', '.join(kdata.DATASETS)}")
     ap.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (default: the model card's)")
     ap.add_argument("--epochs", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
