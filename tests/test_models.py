@@ -136,3 +136,16 @@ def test_stage_features_are_the_first_blocks_output(name):
     assert torch.equal(f1, h) and (f1 >= 0).all() and f2.shape[1] >= f1.shape[1]
     with pytest.raises(ValueError, match="stage must be in \\[1, "):
         m.stage_features(x, 99)
+
+
+def test_cards_and_readme_point_only_at_what_a_clone_has():
+    """A card's sources and notes, and the README, name public code or papers, never a file outside the
+    checkout (the developers' shared folder is not part of a clone)."""
+    import json
+    from pathlib import Path
+    for name in ALL:
+        card = models.model_card(name)
+        text = json.dumps(card.reported, default=str) + card.description + str(card.paper)
+        assert "../shared" not in text and "shared/reference" not in text, (name, text)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "../shared" not in readme

@@ -51,7 +51,7 @@ __all__ = ["FieldDropout", "GlobalMaxHead", "E4MnistNet", "GroupBasicBlock", "Gr
 _PAPER = "He et al., Efficient Equivariant Network, NeurIPS 2021 (E4-Net)"
 _CODE = "official code LingshenHe/Efficient-Equivariant-Network @04b6057"
 _SRC_ACC = f"official README ({_CODE}); best test accuracy over epochs"
-_SRC_COUNT = f"counted on the {_CODE} (../shared/reference/e4net.md section 6)"
+_SRC_COUNT = f"counted on the {_CODE}"
 
 
 # ---------------------------------------------------------------------------------- pieces

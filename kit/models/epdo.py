@@ -63,9 +63,9 @@ __all__ = ["NeuralEPDONet", "RestrictToRotations", "PairedBatchNorm", "FieldDrop
 PAPER = "He, Chen, Shen, Wang, Lin, Neural ePDOs: Spatially Adaptive Equivariant Partial Differential " \
         "Operator Based Networks, ICLR 2023"
 _SRC = ("parameter count measured on the official code YuxuanChen21/Neural_ePDOs @f5399b1 "
-        "(../shared/reference/neural_epdo.md section 7.2)")
+        "(its pdo_net built and counted with a requires_grad filter)")
 _NO_ERR = ("test error: not in the README or abstract; take Tables 1/2 from "
-           "openreview.net/forum?id=D1Iqfm7WTkk before quoting (reference section 9)")
+           "openreview.net/forum?id=D1Iqfm7WTkk before quoting")
 
 
 # ------------------------------------------------------------------------------------ pieces
