@@ -1,0 +1,9 @@
+"""eqkit: import what you use (``import kit.models``, ``from kit.layers import GroupConv``). Two
+shortcuts are resolved on first use: :func:`kit.load_run` (a trained model back from a run folder)."""
+
+
+def __getattr__(name):
+    if name == "load_run":
+        from .run.train import load_run
+        return load_run
+    raise AttributeError(f"module 'kit' has no attribute {name!r}")

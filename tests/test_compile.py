@@ -161,3 +161,36 @@ def test_bench_compiled_columns():
     md = compiled_markdown([{"name": "tiny", "compiled": c}])
     assert md.startswith("| entry | fwd speed-up") and "| tiny |" in md
     assert compiled_markdown([{"name": "x"}]) == ""
+
+
+def test_each_layer_class_compiles_once_without_recompiles():
+    """A model compiled layer by layer: every EquivariantModule subclass has a forward code object of its
+    own, so dynamo compiles each layer class once, with no recompile (error_on_recompile) and no fallback
+    to eager at the recompile limit (8), however many layer types there are (every family's lift and
+    layer, and the field-wise pieces: more than 8 classes)."""
+    import torch._dynamo
+    from kit.layers.base import GroupPool, SpatialPool
+    from kit.layers.registry import families
+    x = torch.rand(2, 1, 12, 12)
+    runs = {}                                                   # one instance of every class, with its input
+    with torch.no_grad():
+        for fam in families():
+            layer, lift = fam.layer(width=16, kernel_size=3)
+            lift, layer = lift.eval(), layer.eval()
+            h = lift(x)
+            runs.setdefault(type(lift), (lift, x))
+            runs.setdefault(type(layer), (layer, h))
+        lift = families()[0].layer(width=16, kernel_size=3)[1].eval()
+        h = lift(x)
+        for m in (GroupBatchNorm(lift.out_type).eval(), FieldReLU(lift.out_type), SpatialPool(lift.out_type, kernel=2),
+                  GroupPool(lift.out_type)):
+            runs.setdefault(type(m), (m, h))
+    assert len(runs) > 8 and len({id(c.forward.__code__) for c in runs}) == len(runs)   # a code object per class
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True), torch.no_grad():
+            for _ in range(2):                                               # the second pass hits the caches
+                for m, inp in runs.values():
+                    torch.compile(m, backend="eager")(inp)
+    finally:
+        torch._dynamo.reset()

@@ -7,6 +7,8 @@ wrongly shaped tensor fails with a message naming the expected and the actual la
 """
 from __future__ import annotations
 
+import types
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -16,6 +18,18 @@ from ..fields import FieldType
 
 __all__ = ["EquivariantModule", "KernelCache", "EquivariantSequential", "FieldReLU", "GroupBatchNorm",
            "GroupPool", "SpatialPool", "InvariantHead", "field_conv2d"]
+
+
+def _own_forward(cls):
+    """:meth:`EquivariantModule.forward` with a code object of its own, named after ``cls``."""
+    base = EquivariantModule.forward
+    names = {"co_qualname": f"{cls.__qualname__}.forward"} if hasattr(base.__code__, "co_qualname") else {}
+    code = base.__code__.replace(co_name="forward", **names)
+    if code is base.__code__:                                               # pragma: no cover - never equal objects
+        code = code.replace(co_firstlineno=code.co_firstlineno)
+    fn = types.FunctionType(code, base.__globals__, "forward", base.__defaults__, base.__closure__)
+    fn.__qualname__, fn.__doc__, fn.__module__ = f"{cls.__qualname__}.forward", base.__doc__, base.__module__
+    return fn
 
 
 def _raise_if_mismatched(module: nn.Module, x: torch.Tensor, err: Exception) -> None:
@@ -28,10 +42,19 @@ def _raise_if_mismatched(module: nn.Module, x: torch.Tensor, err: Exception) -> 
 
 
 class EquivariantModule(nn.Module):
-    """Base class: subclasses set ``self.in_type`` / ``self.out_type`` and implement ``_forward``."""
+    """Base class: subclasses set ``self.in_type`` / ``self.out_type`` and implement ``_forward``.
+
+    Every subclass gets its own copy of :meth:`forward` (same code, its own code object), so that
+    ``torch.compile`` caches each layer class separately: one shared code object would be recompiled
+    for every layer type and fall back to eager at dynamo's recompile limit (8)."""
 
     in_type: FieldType
     out_type: FieldType
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "forward" not in cls.__dict__:
+            cls.forward = _own_forward(cls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.in_type.check(x, f"{type(self).__name__} input")

@@ -77,6 +77,7 @@ class Sweep:
     description: str = ""
     slurm: dict = field(default_factory=dict)
     skipped: list = field(default_factory=list)     # (run name, why): optional runs left out
+    spec_dir: Path | None = None                    # the spec's folder: 'module:callable' models are found there
 
 
 def notebook_parameters(path) -> dict:
@@ -130,6 +131,7 @@ def load_spec(spec, runs_dir=None, *, set_params: dict | None = None) -> Sweep:
     yaml = require("yaml", "run", feature="reading a sweep spec")
     from .. import models
 
+    spec_path = spec
     if isinstance(spec, (str, os.PathLike)):
         path = Path(spec)
         if not path.is_file():
@@ -214,7 +216,7 @@ def load_spec(spec, runs_dir=None, *, set_params: dict | None = None) -> Sweep:
         _check_values(full, f"run {rname!r}")
         runs.append(Run(rname, params, root / name / rname, nb, optional))
     return Sweep(name, nb, runs, root / name, str(spec.get("description", "")), dict(spec.get("slurm") or {}),
-                 skipped)
+                 skipped, spec_dir=path.parent.resolve() if isinstance(spec_path, (str, os.PathLike)) else None)
 
 
 # =============================================================================================
@@ -301,6 +303,11 @@ def run_sweep(spec, *, jobs: int = 1, executor: str = "local", only: str | None 
             log(f"  {r.name}: {run_status(r.dir)} {json.dumps(r.params)}")
         return dict(sweep=sw.name, dir=str(sw.dir), results=[], ok=True)
     sw.dir.mkdir(parents=True, exist_ok=True)
+    # a 'module:callable' model: its module may live beside the spec or where the sweep was started
+    from .train import MODEL_PATH_ENV
+    here = [str(p) for p in (sw.spec_dir, Path.cwd().resolve()) if p is not None]
+    os.environ[MODEL_PATH_ENV] = os.pathsep.join(dict.fromkeys(here + [
+        d for d in os.environ.get(MODEL_PATH_ENV, "").split(os.pathsep) if d]))
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
     t0 = time.time()

@@ -260,7 +260,7 @@ def build_model(spec, *, num_classes: int | None = None, in_channels: int | None
         return spec
     if ":" in spec:
         mod, _, attr = spec.partition(":")
-        return getattr(importlib.import_module(mod), attr)()
+        return getattr(_import_user_module(mod, spec), attr)()
     card = models.model_card(spec)      # unknown name -> ValueError listing the valid ones
     kw = {}
     params = card.parameters
@@ -274,6 +274,58 @@ def build_model(spec, *, num_classes: int | None = None, in_channels: int | None
         kw["in_channels"] = in_channels
     return models.create(spec, **kw)
 
+
+
+#: folders searched for a ``'module:callable'`` model after ``sys.path``: ``$KIT_MODEL_PATH`` (a sweep sets it
+#: to its spec's folder and the folder it was started from), then the working directory
+MODEL_PATH_ENV = "KIT_MODEL_PATH"
+
+
+def _import_user_module(mod: str, spec: str):
+    """``import mod`` from ``sys.path``, else from :data:`MODEL_PATH_ENV`'s folders and the working directory."""
+    try:
+        return importlib.import_module(mod)
+    except ModuleNotFoundError as e:
+        if e.name != mod.split(".")[0] and e.name != mod:
+            raise                                          # the module exists; something it imports does not
+        extra = [d for d in os.environ.get(MODEL_PATH_ENV, "").split(os.pathsep) if d] + [os.getcwd()]
+        top = mod.split(".")[0]
+        for d in extra:
+            if (Path(d) / top).is_dir() or (Path(d) / f"{top}.py").is_file():
+                if d not in sys.path:
+                    sys.path.insert(0, d)
+                return importlib.import_module(mod)
+        raise ModuleNotFoundError(f"model {spec!r}: no module {mod!r} on sys.path, in ${MODEL_PATH_ENV} or in the "
+                                  f"working directory ({', '.join(extra)}); put {mod.split('.')[0]}.py in one of "
+                                  f"them or on PYTHONPATH", name=mod) from None
+
+
+def load_run(run_dir, *, best_val: bool = False) -> tuple[nn.Module, dict | None]:
+    """A trained model back from a run folder (:func:`train` with ``out_dir``, or a sweep's run):
+    ``(model in eval mode, summary)``. The checkpoint is loaded with ``weights_only=True``; the model
+    is rebuilt from its spec (registry name or ``'module:callable'``, see :func:`build_model`) and
+    its state loaded strictly. ``best_val``: the best validation epoch's weights, where kept. The
+    summary is ``None`` for a run that has not finished."""
+    d = Path(run_dir)
+    path = d / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CHECKPOINT_FILE} in {d}: not a run folder of kit.run.train (or it has not "
+                                f"finished an epoch yet)")
+    ck = load_checkpoint(path)
+    spec = ck["config"]["model"]
+    if ":" not in spec and spec not in models.list_models():
+        raise ValueError(f"the run in {d} trained a module passed as an object ({spec}); build it yourself and "
+                         f"load_state_dict(kit.run.train.load_checkpoint(path)['model'])")
+    net = build_model(spec)
+    state = ck["model"]
+    if best_val:
+        if not ck.get("best_val"):
+            raise ValueError(f"the run in {d} kept no best-validation weights (it had no validation split, or "
+                             f"tested every epoch)")
+        state = ck["best_val"]["model"]
+    net.load_state_dict(state)
+    summary = json.loads((d / SUMMARY_FILE).read_text()) if (d / SUMMARY_FILE).is_file() else None
+    return net.eval(), summary
 
 
 def augment(x: torch.Tensor, kind: str, generator: torch.Generator, *, crop_pad: int = 4) -> torch.Tensor:
