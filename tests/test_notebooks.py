@@ -74,3 +74,18 @@ def test_notebook_executes_and_writes_figures(path, tmp_path):
     for name in EXPECTED_FIGURES.get(path.name, []):
         f = tmp_path / "figures" / name
         assert f.exists() and f.stat().st_size > 10_000, name
+
+
+def test_outputs_go_where_the_notebook_folder_says(tmp_path, monkeypatch):
+    """A relative FIGURES_DIR / OUT_DIR means "from the notebooks' folder", whatever the working
+    directory papermill or Jupyter started in; every notebook resolves it so."""
+    import json
+
+    from kit.run.notebooks import NOTEBOOKS, notebook_path
+    monkeypatch.chdir(tmp_path)
+    assert notebook_path("../figures") == (NOTEBOOKS.parent / "figures").resolve()
+    assert notebook_path(tmp_path / "abs") == tmp_path / "abs"
+    for nb in sorted(NOTEBOOKS.glob("*.ipynb")):
+        code = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
+        if "FIGURES_DIR" in code:
+            assert "notebook_path(FIGURES_DIR)" in code and "Path(FIGURES_DIR)" not in code, nb.name

@@ -12,9 +12,18 @@ from pathlib import Path
 from .._compat import require
 from .._io import REPO_DIR
 
-__all__ = ["REPO", "notebook_paths", "execute"]
+__all__ = ["REPO", "notebook_paths", "notebook_path", "execute"]
 
 REPO = REPO_DIR
+NOTEBOOKS = REPO / "notebooks"
+
+
+def notebook_path(path) -> Path:
+    """A notebook's output folder as the notebook means it: a relative path (the default
+    ``FIGURES_DIR = "../figures"``) is taken from the notebooks' folder, whatever the working directory
+    papermill or Jupyter was started in; an absolute one is kept."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (NOTEBOOKS / p).resolve()
 
 
 def notebook_paths(folder: str | Path | None = None, pattern: str = "*.ipynb") -> list[Path]:
