@@ -79,8 +79,15 @@ def resolve_device(device="auto", *, local_rank: int = 0) -> torch.device:
     return dev
 
 
+#: set by :func:`kit.models.export.export` while it traces (``torch.export``, non-strict): the layers take
+#: their traceable paths and read their eval-mode kernels as constants (:meth:`KernelCache.cached_kernel`)
+EXPORTING = False
+
+
 def is_compiling() -> bool:
-    """True while ``torch.compile`` (dynamo) traces the calling code: layers then take their
-    traceable paths (no kernel cache, no C++ extension call) so the compiled graph is whole."""
+    """True while ``torch.compile`` (dynamo) traces the calling code, or :func:`kit.models.export.export`
+    traces a model: layers then take their traceable paths (no C++ extension call) so the graph is whole."""
+    if EXPORTING:
+        return True
     f = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return bool(f()) if f is not None else False

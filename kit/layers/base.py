@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import _compat
 from .._compat import is_compiling
 from ..fields import FieldType
 
@@ -98,6 +99,9 @@ class KernelCache:
     _kernel_cache = None
 
     def cached_kernel(self, build, *sources: torch.Tensor):
+        # kit.export: the kernel built (eagerly, before tracing) from the weights is baked in as a constant
+        if _compat.EXPORTING and self._kernel_cache is not None:
+            return self._kernel_cache[1]
         # under torch.compile the kernel is built inside the graph from the live parameters (graph
         # inputs), so a compiled model can never read a stale kernel
         if is_compiling() or self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
