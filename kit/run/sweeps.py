@@ -470,14 +470,18 @@ def _pending_runs(sweep, runs_dir) -> str | None:
     spec = p if p.suffix in (".yaml", ".yml") and p.is_file() else REPO / "sweeps" / f"{p.name}.yaml"
     if not spec.is_file():
         return None
+    from .. import data
     sw = load_spec(spec, runs_dir=runs_dir)
     lines = [f"sweep {sw.name!r} has no runs yet in {sw.dir}: run `python -m kit sweep {spec.relative_to(REPO) if spec.is_relative_to(REPO) else spec}`."
              f" Its {len(sw.runs)} pending run(s) and the papers' targets:"]
     for r in sw.runs:
         full = {**notebook_parameters(sw.notebook), **r.params}
-        acc, _, src = _paper_numbers(str(full.get("MODEL")), str(full.get("DATASET") or ""), full.get("FRACTION", 1.0))
+        asked = str(full.get("DATASET") or "")
+        used = data.resolve_dataset(asked) if asked == "auto" else asked
+        acc, _, src = _paper_numbers(str(full.get("MODEL")), used, full.get("FRACTION", 1.0))
         target = f"paper {acc:.2f} % ({src})" if acc is not None else "no paper number on its card"
-        lines.append(f"  {r.name}: {full.get('MODEL')} on {full.get('DATASET')}, {target}")
+        where = f"auto (here: {used})" if asked == "auto" else asked
+        lines.append(f"  {r.name}: {full.get('MODEL')} on {where}, {target}")
     return "\n".join(lines)
 
 
