@@ -7,6 +7,8 @@
     bench       one benchmark across all families beside escnn: python -m kit bench [--only GLOB] [--device cuda]
                 (python -m kit bench --help for its options)
     zoo         the trained zoo: python -m kit zoo export (runs/zoo -> kit/weights/), zoo list, zoo heldout
+    lessons     write the student lesson notebooks from their solutions (notebooks/lessons/solutions/);
+                --check: fail if a committed student notebook is out of date
     data        python -m kit data fetch mnist (the raw files, md5-checked, into data/mnist); data list
     check       grid-exact equivariance of registered models, float32 error beside its round-off floor
                 and the float64 error: python -m kit check "nepdo-*" [--seeds 0 1] [--set method=rbffd]
@@ -164,6 +166,13 @@ def _check(args) -> int:
     return 0
 
 
+def _lessons(args) -> int:
+    from .teach.lessons import build
+    paths = build(check=args.check)
+    print(f"{len(paths)} student lesson notebook(s) {'up to date' if args.check else 'written'} in notebooks/lessons/")
+    return 0
+
+
 #: what a bad input raises; anything else is a bug and keeps its traceback
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, RuntimeError, ImportError, KeyError)
 
@@ -230,6 +239,9 @@ def _main(argv) -> int:
     dp.add_argument("name", nargs="?", default="mnist", help="what to fetch (default: mnist)")
     dp.add_argument("--dest", default=None, help="folder (default: data/mnist in the repository)")
     dp.set_defaults(func=_data)
+    lp = sub.add_parser("lessons", help="write the student lesson notebooks from their solutions")
+    lp.add_argument("--check", action="store_true", help="write nothing; fail if a student notebook is out of date")
+    lp.set_defaults(func=_lessons)
     sub.add_parser("bench", help="one benchmark across all families beside escnn (python -m kit bench --help)")
     cp = sub.add_parser("check", help="grid-exact equivariance of registered models: float32 error, its round-off "
                                       "floor, float64 error")

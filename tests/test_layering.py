@@ -1,6 +1,6 @@
 """The package's import structure: module-level imports form no cycle, and the packages stack one way
-(core <- kernels <- layers <- models <- measure <- explore; run on models + data; nothing below imports an
-explorer at module level). Imports inside functions (lazy, for optional extras or heavy modules) are not counted."""
+(core <- kernels <- layers <- models <- measure <- explore, teach; run on models + data; nothing below imports an
+explorer or a lesson at module level). Imports inside functions (lazy, for optional extras or heavy modules) are not counted."""
 import ast
 from pathlib import Path
 
@@ -75,7 +75,8 @@ def test_layers_stack_one_way():
     they stand on); nothing but the CLI imports an explorer."""
     graph = _top_level_imports()
     packages = {_package(m) for m in graph if m not in CORE}
-    assert packages == set(MAY_IMPORT) | {"kit.explore", "kit.__main__"}, packages    # no flat module left
+    top = {"kit.explore", "kit.teach", "kit.__main__"}
+    assert packages == set(MAY_IMPORT) | top, packages    # no flat module left
     for m, deps in graph.items():
         if m in CORE:
             assert deps <= CORE, (m, deps - CORE)
@@ -85,5 +86,7 @@ def test_layers_stack_one_way():
             allowed = {pkg, *MAY_IMPORT[pkg]}
             bad = {d for d in deps if d not in CORE and _package(d) not in allowed}
             assert not bad, (m, bad)
-        if pkg not in ("kit.explore", "kit.__main__"):
-            assert not any(_package(d) == "kit.explore" for d in deps), (m, deps)
+        if pkg not in top:
+            assert not any(_package(d) in ("kit.explore", "kit.teach") for d in deps), (m, deps)
+        if pkg == "kit.explore":                                   # the labs do not need the lessons
+            assert not any(_package(d) == "kit.teach" for d in deps), (m, deps)

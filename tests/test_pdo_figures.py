@@ -53,11 +53,11 @@ def test_gallery_writes_every_stencil_value_in_its_cell():
     fd_dx = fig.axes[0]
     cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in fd_dx.texts}
     assert len(cells) == 9 and cells[(1, 2)] == "0.5" and cells[(1, 0)] == "-0.5" and cells[(0, 0)] == "0"
-    gauss_dx = fig.axes[3]
+    gauss_dx = fig.axes[1]                                             # rows: operators, columns: methods
     K = stencil(1, 0, method="gauss", size=3).numpy()
     got = {(round(t.get_position()[1]), round(t.get_position()[0])): float(t.get_text()) for t in gauss_dx.texts}
     assert all(abs(got[r, c] - K[r, c]) <= 0.01 * abs(K[r, c]) + 1e-12 for r in range(3) for c in range(3))
-    assert "not on 3×3" in fig.axes[2].texts[0].get_text()              # dxxx: a note, no exception
+    assert "not on 3×3" in fig.axes[4].texts[0].get_text()              # dxxx: a note, no exception
     assert _pixels(fig)
 
 
@@ -92,9 +92,9 @@ def test_rotated_kernels_are_the_layer_kernels_and_turn_counter_clockwise():
 def test_rotated_kernels_figure_layout():
     fig = pdoviz.rotated_kernels_figure("dx", ns=(4, 6))
     shown = [ax for ax in fig.axes if ax.axison]
-    assert len(fig.axes) == 2 * 6 and len(shown) == 4 + 6
+    assert len(fig.axes) == 3 * 4 and len(shown) == 4 + 6                # C6 wraps onto a second row of 4
     assert [ax.get_title() for ax in shown[:4]] == ["k=0 · 0°", "k=1 · 90°", "k=2 · 180°", "k=3 · 270°"]
-    assert any(t.get_text() == "0.50" for t in shown[1].texts)          # numbers written
+    assert any(t.get_text() == ".50" for t in shown[1].texts)           # numbers written
     # the arrow outside the k=1 (90 degree) kernel points straight up (row coordinate decreases)
     arrow = next(c for c in shown[1].get_children() if isinstance(c, matplotlib.text.Annotation))
     (x0, y0), (x1, y1) = arrow.xyann, arrow.xy
@@ -140,12 +140,15 @@ def test_convergence_slope_is_quadratic_and_shown_on_the_figure():
 # -------------------------------------------------------------------------- widget
 def test_stencil_gallery_draws_and_redraws():
     box = pdoviz.stencil_gallery(operator="dxy", method="fd", size=5)
-    (op, size), meth, (sigma, norm) = box.children[0].children, box.children[1], box.children[2].children
+    (op, size), meth, (sigma, norm, note) = box.children[0].children, box.children[1], box.children[2].children
     assert not sigma.continuous_update and sigma.disabled and norm.disabled
+    assert sigma.layout.display == norm.layout.display == "none" and note.layout.display is None   # fd: why, not σ
+    assert "gauss" in note.value
     assert box.state["draws"] == 1 and box.state["args"] == ("dxy", "fd", 5, None, True)
     first = _pixels(box.state["figure"])
     meth.value = "gauss"
     assert box.state["draws"] == 2 and not sigma.disabled
+    assert sigma.layout.display is None and note.layout.display == "none"
     assert box.state["args"] == ("dxy", "gauss", 5, pytest.approx(DEFAULT_SIGMA), True)
     second = _pixels(box.state["figure"])
     assert second != first

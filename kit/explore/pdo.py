@@ -114,10 +114,10 @@ def operator_label(op) -> str:
 # ------------------------------------------------------------------------- heat maps
 def _fmt(v: float, scale: float, compact: bool = False) -> str:
     """Cell text: '0' for (float-noise) zeros; 3 significant digits (2 below 0.1); ``compact``
-    writes values below 1% of the panel's largest as one-digit powers (``-7e-4``) to fit small cells."""
+    writes values below 0.01 as one-digit powers (``-7e-4``) to fit small cells."""
     if abs(v) <= 1e-12 * max(scale, 1.0):
         return "0"
-    if compact and abs(v) < 0.01 * scale and abs(v) < 0.01:
+    if compact and abs(v) < 0.01:
         m, e = f"{v:.0e}".split("e")
         return f"{m}e{int(e)}"
     return f"{v:.3g}" if abs(v) >= 0.1 else f"{v:.2g}"
@@ -132,8 +132,8 @@ def _heatmap(ax, K, *, numbers: bool = True, fontsize: float = 8.0, title: str |
     k = K.shape[0]
     ax.set_xticks(range(k))
     ax.set_yticks(range(k))
-    ax.set_xticklabels([str(c - k // 2) for c in range(k)] if xlabels else [], fontsize=7)
-    ax.set_yticklabels([str(k // 2 - r) for r in range(k)] if ylabels else [], fontsize=7)
+    ax.set_xticklabels([str(c - k // 2) for c in range(k)] if xlabels else [], fontsize=8)
+    ax.set_yticklabels([str(k // 2 - r) for r in range(k)] if ylabels else [], fontsize=8)
     ax.tick_params(length=0, pad=1)
     ax.set_xticks(np.arange(-0.5, k, 1), minor=True)
     ax.set_yticks(np.arange(-0.5, k, 1), minor=True)
@@ -156,7 +156,7 @@ def _na(ax, text):
     ax.set_xticks([]), ax.set_yticks([])
     for s in ax.spines.values():
         s.set_color("0.8")
-    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, color="0.4", transform=ax.transAxes, wrap=True)
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=9, color="0.4", transform=ax.transAxes, wrap=True)
 
 
 def _method_label(method: str, sigma: float | None, normalize: bool = True) -> str:
@@ -189,38 +189,38 @@ def stencil_figure(operator="dxy", *, method: str = "fd", size: int = 5, sigma: 
         ax.set_title(head, fontsize=10)
     else:
         _heatmap(ax, K, fontsize=10 if size == 5 else 12, title=head)
-        ax.set_xlabel(f"x offset   (sum of weights = {_fmt(float(K.sum()), float(K.abs().max()))})", fontsize=8)
-        ax.set_ylabel("y offset (up)", fontsize=8)
+        ax.set_xlabel(f"x offset   (sum of weights = {_fmt(float(K.sum()), float(K.abs().max()))})", fontsize=9)
+        ax.set_ylabel("y offset (up)", fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def stencil_gallery_figure(operators=GALLERY_OPERATORS, methods=METHODS, *, size: int = 5,
                            sigma: float | None = None, normalize: bool = True):
-    """Rows: discretisations; columns: operators. Every stencil on its own symmetric colour scale,
-    its values written in the cells (unit grid; divide by h^order on a grid of spacing h)."""
+    """Rows: operators; columns: discretisations (so a notebook-wide figure keeps its numbers
+    readable). Every stencil on its own symmetric colour scale, its values written in the cells
+    (unit grid; divide by h^order on a grid of spacing h)."""
     ops = [_parse_name(o) if isinstance(o, str) else o for o in operators]
     methods = list(methods)
     w = 2.25 if size == 5 else 1.6
-    fig, axes = plt.subplots(len(methods), len(ops), figsize=(w * len(ops) + 0.8, w * len(methods) + 1.2),
+    fig, axes = plt.subplots(len(ops), len(methods), figsize=(w * len(methods) + 0.7, w * len(ops) + 1.2),
                              squeeze=False)
-    for r, method in enumerate(methods):
-        for c, (i, j) in enumerate(ops):
+    for r, (i, j) in enumerate(ops):
+        for c, method in enumerate(methods):
             ax = axes[r, c]
             K, err = _try_stencil(i, j, method, size, sigma if method == "gauss" else None, normalize)
             if K is None:
-                _na(ax, f"{component_name(i, j)}: not on {size}×{size}")
+                _na(ax, f"{component_name(i, j)}:\nnot on {size}×{size}")
             else:
-                _heatmap(ax, K, fontsize=7.5 if size == 5 else 8.5, compact=True,
-                         xlabels=r == len(methods) - 1, ylabels=c == 0)
+                _heatmap(ax, K, fontsize=8, compact=True, xlabels=r == len(ops) - 1, ylabels=c == 0)
             if r == 0:
-                ax.set_title(_math_name(i, j), fontsize=11)
+                ax.set_title(_method_label(method, sigma, normalize), fontsize=10)
             if c == 0:
-                ax.set_ylabel(_method_label(method, sigma, normalize), fontsize=10)
+                ax.set_ylabel(_math_name(i, j), fontsize=12)
     fig.suptitle(f"{size}×{size} stencils of " + r"$\partial_x^i\partial_y^j$"
                  + " (cross-correlation weights, unit grid)\n"
-                 "tap offsets: x right, y up · red > 0, blue < 0 · each panel its own colour scale", fontsize=10)
-    _grid_layout(fig, left=0.55, top=0.85, bottom=0.3, space=0.12)
+                 "tap offsets: x right, y up · red > 0, blue < 0\neach panel its own colour scale", fontsize=10)
+    _grid_layout(fig, left=0.55, top=1.2, bottom=0.3, space=0.12)
     return fig
 
 
@@ -248,24 +248,30 @@ def rotated_kernels(operator="dx", n: int = 8, *, method: str = "fd", offset: fl
 
 
 def rotated_kernels_figure(operator="dx", ns=(4, 6, 8), *, method: str = "fd", offset: float = 0.0,
-                           numbers: bool = True, min_label: float = 0.05, **stencil_kw):
-    """Rows: C_n for each ``n`` in ``ns``; columns: the group elements ``k = 0 .. n-1`` (angle
-    ``360 k / n``, counter-clockwise). Each panel is the 5x5 kernel of the rotated operator; the
+                           numbers: bool = True, min_label: float = 0.05, cols: int = 4, **stencil_kw):
+    """For each ``n`` in ``ns``, the group elements ``k = 0 .. n-1`` of C_n (angle ``360 k / n``,
+    counter-clockwise), ``cols`` panels to a row (C_8 takes two rows at the default 4, so the numbers
+    stay readable at notebook width). Each panel is the 5x5 kernel of the rotated operator; the
     arrow outside it points along the rotated x axis, so it (and the kernel) turns
     counter-clockwise as ``k`` increases. All panels share one colour scale; values are written with
-    two decimals where ``|value| >= min_label`` x the largest (others left blank)."""
+    two decimals (no leading zero: ``-.50``) where ``|value| >= min_label`` x the largest (others left blank)."""
     ns = list(ns)
-    cols = max(ns)
+    if cols < 1:
+        raise ValueError(f"cols must be a positive number of panels per row, got {cols!r}")
+    cols = min(cols, max(ns))
     kernels = {n: rotated_kernels(operator, n, method=method, offset=offset, **stencil_kw) for n in ns}
     vmax = max(float(K.abs().max()) for K in kernels.values()) or 1.0
-    w = 2.0
-    fig, axes = plt.subplots(len(ns), cols, figsize=(w * cols + 0.6, w * len(ns) + 0.9), squeeze=False)
-    for r, n in enumerate(ns):
-        for k in range(cols):
-            ax = axes[r, k]
-            if k >= n:
-                ax.axis("off")
-                continue
+    starts, rows = {}, 0                                      # the first figure row of each group
+    for n in ns:
+        starts[n], rows = rows, rows + -(-n // cols)
+    w = 1.75
+    fig, axes = plt.subplots(rows, cols, figsize=(w * cols + 0.6, w * rows + 1.0), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for n in ns:
+        for k in range(n):
+            ax = axes[starts[n] + k // cols, k % cols]
+            ax.axis("on")
             K = kernels[n][k].numpy()
             ax.imshow(K, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
             ax.set_xticks([]), ax.set_yticks([])
@@ -278,8 +284,9 @@ def rotated_kernels_figure(operator="dx", ns=(4, 6, 8), *, method: str = "fd", o
                         v = K[i, j]
                         if abs(v) >= min_label * vmax:   # small values left blank: the pattern stays readable
                             s = f"{v:.2f}" if vmax < 10 else f"{v:.3g}"
+                            s = s.replace("0.", ".", 1) if s.lstrip("-").startswith("0.") else s   # -.50: fits a cell
                             col = "white" if abs(v) > 0.55 * vmax else "black"
-                            ax.text(j, i, s, ha="center", va="center", fontsize=7.5, color=col)
+                            ax.text(j, i, s, ha="center", va="center", fontsize=8, color=col)
             t = 2 * math.pi * k / n + offset
             ct, st = math.cos(t), math.sin(t)
             rad = 2.55 / max(abs(ct), abs(st))         # just outside the 5x5 square, on the ray at angle t
@@ -290,14 +297,14 @@ def rotated_kernels_figure(operator="dx", ns=(4, 6, 8), *, method: str = "fd", o
             for s in ax.spines.values():
                 s.set_visible(False)
             deg = 360.0 * k / n + math.degrees(offset)
-            ax.set_title(f"k={k} · {deg:.4g}°", fontsize=9, pad=2)
-            if k == 0:
-                ax.set_ylabel(f"p{n} (C{n})", fontsize=10, labelpad=10)
+            ax.set_title(f"k={k} · {deg:.4g}°", fontsize=10, pad=2)
+            if k % cols == 0:
+                ax.set_ylabel(f"C{n}" if k == 0 else f"C{n} (cont.)", fontsize=11, labelpad=10)
     off = f", offset {math.degrees(offset):.4g}°" if offset else ""
-    fig.suptitle(f"{operator_label(operator)} rotated to every group element and discretised "
-                 f"({method}, 5×5{off})\narrows: the rotated x axis, turning counter-clockwise as k grows · "
-                 f"one colour scale for all panels · blank cells: |value| < {min_label:g} × the largest", fontsize=10)
-    _grid_layout(fig, left=0.45, top=0.8, bottom=0.05, space=0.08)
+    fig.suptitle(f"{operator_label(operator)} rotated to every group element, discretised "
+                 f"({method}, 5×5{off})\narrows: the rotated x axis, turning counter-clockwise as k grows\n"
+                 f"one colour scale · blank cells: |value| < {min_label:g} × the largest", fontsize=10)
+    _grid_layout(fig, left=0.45, top=0.95, bottom=0.05, space=0.1)
     return fig
 
 
@@ -346,11 +353,11 @@ def layer_error_study(ns=(4, 6, 8), *, step: float = 5.0, n_digits: int = 4, fir
 def error_vs_angle_figure(results: dict[str, list[Record]], *, title: str | None = None, floor_min: float = 1e-9,
                           zoom: float = 180.0):
     """Error (solid) and interpolation floor (dotted) against the angle for each PDO layer; circles
-    mark each group's own elements (measured with the exact field action there). Left: all angles,
+    mark each group's own elements (measured with the exact field action there). Top: all angles,
     log scale (values below ``floor_min``, the exact zeros at 0 degrees, drawn at ``floor_min``).
-    Right: linear scale over ``[0, zoom]`` degrees without the exact points, where a layer's error
+    Bottom: linear scale over ``[0, zoom]`` degrees without the exact points, where a layer's error
     is compared with its floor."""
-    fig, (ax, az) = plt.subplots(1, 2, figsize=(13.5, 4.8), gridspec_kw=dict(width_ratios=[1.25, 1]))
+    fig, (ax, az) = plt.subplots(2, 1, figsize=(7.2, 8.4))
     top = 0.0
     for name, recs in results.items():
         n = int(name[1:]) if name[1:].isdigit() else None
@@ -366,21 +373,24 @@ def error_vs_angle_figure(results: dict[str, list[Record]], *, title: str | None
         top = max([top, *vals])
     ax.set_yscale("log")
     ax.set_ylabel("relative error (inside the disk)")
-    ax.set_title(title or f"all angles (log scale; exact zeros drawn at {floor_min:.0e}):\n"
+    az.set_ylabel("relative error")
+    ax.set_title(title or f"all angles, log scale (exact zeros drawn at {floor_min:.0e}):\n"
                  "multiples of 90° are exact for p4 and p8 (float noise)", fontsize=10)
     az.set_ylim(0, 1.1 * top if top > 0 else 1)
     az.set_title(f"0–{zoom:g}°, linear scale, exact points left out:\nhow far each layer sits above its floor",
                  fontsize=10)
-    for axis, hi, step in ((ax, 360, 30), (az, zoom, 15)):
+    for axis, hi, step in ((ax, 360, 45), (az, zoom, 15)):
         axis.set_xlabel("rotation angle of the input (degrees, counter-clockwise)")
         axis.set_xticks(np.arange(0, hi + 1, step))
         axis.set_xlim(-0.015 * hi, 1.015 * hi)
         axis.grid(alpha=0.3)
-    az.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle("PDO layers (lifting → ReLU → group layer, untrained) on real digits: equivariance error "
-                 "(solid) vs the interpolation floor (dotted)\ncircles: the group's own angles (whole field "
-                 "compared, exact group-axis shift); elsewhere the orientation-pooled output is compared",
-                 fontsize=10.5)
+    handles, labels = ax.get_legend_handles_labels()
+    az.legend(handles, labels, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+              ncol=min(3, len(results)) if len(results) > 1 else 2, frameon=False)
+    fig.suptitle("PDO layers (lifting → ReLU → group layer, untrained) on real digits:\n"
+                 "equivariance error (solid) vs the interpolation floor (dotted)\n"
+                 "circles: the group's own angles (whole field compared, exact group-axis shift);\n"
+                 "elsewhere the orientation-pooled output is compared", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -477,7 +487,8 @@ def stencil_gallery(operator: str = "dxy", method: str = "fd", size: int = 5, si
                     normalize: bool = True):
     """Explore the stencil library: operator, discretisation, size and Gaussian width (the width
     and the moment correction are active for ``gauss`` only). Redraws :func:`stencil_figure` on
-    release. Returns an ``ipywidgets.VBox`` with ``state = {draws, figure, args}``."""
+    release; the width controls are hidden (a note says why) unless ``gauss`` is chosen. Returns an
+    ``ipywidgets.VBox`` with ``state = {draws, figure, args}``."""
     import ipywidgets as W
     from .widgets import explorer
 
@@ -490,11 +501,16 @@ def stencil_gallery(operator: str = "dxy", method: str = "fd", size: int = 5, si
     sig = W.FloatSlider(value=sigma, min=0.3, max=2.0, step=0.05, description="σ (px)",
                         continuous_update=False, readout_format=".2f", layout=W.Layout(width="360px"))
     norm = W.Checkbox(value=normalize, description="moment-corrected")
+    note = W.HTML("<i>σ and the moment correction belong to the Gaussian stencils: choose "
+                  "<b>gauss</b> to set them (fd and rbffd have no width)</i>")
 
     def render():
         gauss = meth.value == "gauss"
         sig.disabled = norm.disabled = not gauss
+        for w in (sig, norm):                                  # shown only where they act
+            w.layout.display = None if gauss else "none"
+        note.layout.display = "none" if gauss else None
         args = (op.value, meth.value, sz.value, sig.value if gauss else None, norm.value if gauss else True)
         return stencil_figure(args[0], method=args[1], size=args[2], sigma=args[3], normalize=args[4]), args
 
-    return explorer([[op, sz], meth, [sig, norm]], render)
+    return explorer([[op, sz], meth, [sig, norm, note]], render)
