@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import LogLocator
 import torch
 import torch.nn as nn
 
@@ -269,40 +270,48 @@ def trained_vs_initial(lab: E4Lab, row: int | None = None, col: int | None = Non
 
 
 def trained_vs_initial_figure(lab: E4Lab, row: int | None = None, col: int | None = None):
-    """Top block: the kernels the *trained* first E4 layer generates at pixel ``(row, col)`` (one row
-    per slice, one column per group element); bottom block: the same pixel in the untrained twin the
-    training started from. Each block on its own colour scale (given in its row labels); right: the
-    kernel norm at every pixel, trained and initial. The numbers of :func:`trained_vs_initial` are
-    in the title and in ``fig.stats``."""
+    """Left, top block: the kernels the *trained* first E4 layer generates at pixel ``(row, col)``
+    (one row per slice, one column per group element); bottom block: the same pixel in the untrained
+    twin the training started from. Each block on its own colour scale (given in its row labels);
+    right: the digit with the pixel, and the kernel norm at every pixel, trained and initial. The
+    numbers of :func:`trained_vs_initial` are in the title and in ``fig.stats``."""
     st = trained_vs_initial(lab, row, col)
     row, col = st["pixel"]
     G = lab.group
     S = st["trained"].shape[0]
-    fig = plt.figure(figsize=(4.2 + 1.3 * G.order + 3.2, 1.0 + 1.35 * 2 * S))
-    gs = fig.add_gridspec(2 * S, G.order + 4, width_ratios=[2.4, 0.45] + [1] * G.order + [0.3, 2.4],
-                          wspace=0.12, hspace=0.3)
-    _digit(fig.add_subplot(gs[:, 0]), lab.x, {"": (row, col)}, f"digit, pixel ({row}, {col})")
+    h = 1.4 + 1.05 * 2 * S
+    fig = plt.figure(figsize=(1.1 * G.order + 3.0, h))
+    gs = fig.add_gridspec(1, 2, width_ratios=[G.order, 2.3], wspace=0.2, top=1 - 0.95 / h, bottom=0.02)
+    left = gs[0].subgridspec(2, 1, hspace=0.12)
+    right = gs[1].subgridspec(3, 1, hspace=0.5)
+    ax = fig.add_subplot(right[0])
+    _digit(ax, lab.x, {"": (row, col)}, f"digit, pixel ({row}, {col})")
+    fig.colorbar(ax.images[0], ax=ax, fraction=0.046, pad=0.04).ax.set_visible(False)   # aligned with the maps
     blocks = (("trained", st["trained"], st["norm_trained"], st["stroke_ratio_trained"], st["positive_trained"]),
               ("initial", st["initial"], st["norm_initial"], st["stroke_ratio_initial"], st["positive_initial"]))
     for b, (what, k, norm, ratio, pos) in enumerate(blocks):
         vmax = _vmax(k)
+        block = left[b].subgridspec(S, G.order, wspace=0.1, hspace=0.12)
         for s in range(S):
             for i, g in enumerate(G.elements):
-                ax = fig.add_subplot(gs[b * S + s, 2 + i])
+                ax = fig.add_subplot(block[s, i])
                 _kernel(ax, k[s, i], vmax, f"g = {_label(G, g)}" if b == 0 and s == 0 else None)
                 if i == 0:
                     ax.set_ylabel(f"{what}, slice {s}\n{pos[s]:.0%} taps > 0" + (f"\n(scale ±{vmax:.2f})" if s == 0 else ""),
                                   fontsize=9)
-        ax = fig.add_subplot(gs[b * S:(b + 1) * S, G.order + 3])
+        ax = fig.add_subplot(right[1 + b])
         im = ax.imshow(norm.numpy(), cmap="viridis")
         ax.plot(col, row, marker="s", ms=6, mfc="none", mec="#ff3333", mew=1.2)
         ax.set_xticks([]), ax.set_yticks([])
-        ax.set_title(f"{what}: kernel norm per pixel\n(stroke / background {ratio:.1f}x)", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=9)
-    fig.suptitle(f"{lab.name}: kernels of the first E4 layer at one pixel, trained (top) vs the initial weights "
-                 f"of the same run (bottom)\nrms tap {st['rms_trained']:.3f} vs {st['rms_initial']:.3f}; "
+        ax.set_title(f"{what}: kernel norm\n(stroke / background {ratio:.1f}x)", fontsize=9)
+        cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        cb.ax.tick_params(labelsize=9)
+        cb.locator = plt.MaxNLocator(4)
+        cb.update_ticks()
+    fig.suptitle(f"{lab.name}, first E4 layer at one pixel: trained (top) vs the initial weights of the "
+                 f"same run (bottom)\nrms tap {st['rms_trained']:.3f} vs {st['rms_initial']:.3f}; "
                  f"||K_trained − K_initial|| / ||K_initial|| = {st['relative_change']:.2f}, cosine "
-                 f"{st['cosine']:.2f}; trained kernels at the rotated pixel = rotated kernels to "
+                 f"{st['cosine']:.2f}\ntrained kernels at the rotated pixel = rotated kernels to "
                  f"{st['rotation_error']:.0e}", fontsize=10, y=0.995)
     fig.stats = {k: v for k, v in st.items() if not isinstance(v, torch.Tensor)}
     return fig
@@ -424,10 +433,11 @@ def affine_break_figure(result: dict, *, tol: float = 1e-5):
     recs = result[keys[0]]
     labels = [f"{r.angle:g}°" + (" m" if r.mirror else "") for r in recs]
     floor = 1e-9
-    fig = plt.figure(figsize=(12.5, 4.2))
-    gs = fig.add_gridspec(1, 3, width_ratios=[2.2, 1, 1], wspace=0.25)
+    fig = plt.figure(figsize=(8.0, 5.0))
+    gs = fig.add_gridspec(1, 2, width_ratios=[2.2, 1], wspace=0.22, top=0.84)
     ax = fig.add_subplot(gs[0])
     w = 0.8 / len(keys)
+    top = max(r.error for k in keys for r in result[k])
     for j, (key, col) in enumerate(zip(keys, colors)):
         errs = [max(r.error, floor) for r in result[key]]
         ax.bar([i + (j - (len(keys) - 1) / 2) * w for i in range(len(recs))], errs, w, color=col,
@@ -435,24 +445,27 @@ def affine_break_figure(result: dict, *, tol: float = 1e-5):
     ax.axhline(tol, color="black", ls="--", lw=1)
     ax.text(-0.45, tol / 2.5, f"tolerance {tol:g}", ha="left", va="top", fontsize=9)
     ax.set_yscale("log")
-    ax.set_ylim(floor / 2, 1e5)                                                   # room for the legend
+    ax.set_ylim(floor / 2, max(10 * top, 10 * tol))
+    ax.yaxis.set_major_locator(LogLocator(numticks=7))
     ax.set_xticks(range(len(recs)))
     ax.set_xticklabels(labels, fontsize=9)
     ax.tick_params(labelsize=9)
     ax.set_xlabel("group element", fontsize=9)
     ax.set_ylabel(f"relative error (< {floor:g} drawn at {floor:g})", fontsize=9)
-    ax.legend(fontsize=9, loc="upper left", ncol=1)
+    ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, frameon=False)
     which = "trained weights" if result.get("pretrained") else "untrained weights"
-    ax.set_title(f"E4 layer equivariance error ({which}): GroupNorm affine per field vs per channel", fontsize=9)
+    fig.suptitle(f"E4 layer equivariance error ({which}): GroupNorm affine per field vs per channel", fontsize=10)
     maps = result["maps"]
     vmax = max(float(m.max()) for m in maps.values()) or 1.0
+    right = gs[1].subgridspec(len(maps), 2, width_ratios=[1, 0.07], wspace=0.08, hspace=0.6)
     for k, ((affine, state), m) in enumerate(maps.items()):
-        a = fig.add_subplot(gs[1 + k])
+        a = fig.add_subplot(right[k, 0])
         im = a.imshow(m.numpy(), cmap="magma", vmin=0, vmax=vmax)
         a.set_xticks([]), a.set_yticks([])
-        a.set_title(f"|f(r·x) − r·f(x)| at 90°\n{_state_label(affine, state)}\nmax {float(m.max()):.1e}",
-                    fontsize=9)
-    fig.colorbar(im, ax=a, fraction=0.046, pad=0.04).ax.tick_params(labelsize=9)
+        a.set_title(f"{affine.replace('_', '-')} affine,\n{state}\nmax {float(m.max()):.1e}", fontsize=9)
+    cb = fig.colorbar(im, cax=fig.add_subplot(right[:, 1]))
+    cb.ax.tick_params(labelsize=9)
+    cb.set_label("|f(r·x) − r·f(x)| at 90°", fontsize=9)
     return fig
 
 

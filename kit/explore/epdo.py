@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import LogLocator
 import numpy as np
 import torch
 import torch.nn as nn
@@ -145,19 +146,25 @@ def setup(*, seed: int = 0, digit: int = 3, method: str | None = None, size: int
     return EPDOLab(stem=stem, layer=layer, x=x, pixel=pixel, method=method, name=name)
 
 
-def _bars(ax, v, title, color="#1f77b4", pred=None):
+def _bars(ax, v, title, color="#1f77b4", pred=None, labels=True):
+    """One bar per operator (beside ``pred``'s, orange, when given); ``labels``: operator names on x."""
     idx = np.arange(N_OPS)
     if pred is None:
         ax.bar(idx, v, color=color)
     else:
         ax.bar(idx - 0.2, v, width=0.4, color=color, label="measured")
         ax.bar(idx + 0.2, pred, width=0.4, color="#ff7f0e", label="predicted")
-        ax.legend(fontsize=9)
     ax.axhline(0, color="k", lw=0.5)
-    ax.set_xticks(idx)
-    ax.set_xticklabels(OPERATOR_NAMES, rotation=90, fontsize=9)
+    _operator_axis(ax, labels)
     ax.tick_params(axis="y", labelsize=9)
+    ax.yaxis.set_major_locator(plt.MaxNLocator(5))
     ax.set_title(title, fontsize=9)
+
+
+def _operator_axis(ax, labels=True):
+    """The 15 operators on x (their names, rotated, with ``labels``)."""
+    ax.set_xticks(range(N_OPS))
+    ax.set_xticklabels(OPERATOR_NAMES if labels else [], rotation=90, fontsize=9)
 
 
 def _stencil(ax, K, title):
@@ -165,34 +172,51 @@ def _stencil(ax, K, title):
     ax.imshow(K, cmap="RdBu_r", vmin=-v, vmax=v)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def _components(fig, ax, cax, c, title):
+    """Heat map of the coefficients ``c (d, 15)`` of one field at every group component, colour bar in
+    ``cax``; ``{v}`` in ``title`` becomes the colour scale's limit. Returns that limit."""
+    v = float(c.abs().max()) or 1.0
+    im = ax.imshow(c.numpy(), cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto")
+    _operator_axis(ax)
+    ax.tick_params(axis="y", labelsize=9)
+    ax.yaxis.set_major_locator(plt.MaxNLocator(4, integer=True))
+    ax.set_ylabel("group component", fontsize=9)
+    ax.set_title(title.format(v=f"{v:.2f}"), fontsize=9)
+    cb = fig.colorbar(im, cax=cax)
+    cb.ax.tick_params(labelsize=9)
+    cb.locator = plt.MaxNLocator(5)
+    cb.update_ticks()
+    return v
 
 
 def coefficients_figure(lab: EPDOLab, row: int, col: int, *, slot: int = 0, component: int = 0):
     """The digit with the pixel; the 15 PDO coefficients of generated field ``slot``, group
-    component ``component`` (one bar per operator, kit order); all 16 components as a heat map; the
-    resulting 5x5 stencil."""
+    component ``component`` (one bar per operator, kit order); below them all the group components
+    as a heat map (the one of the bars framed); the resulting 5x5 stencil."""
     lab.check_slot(slot, component)
     c, k = lab.at(lab.x, row, col)
-    fig, ax = plt.subplots(1, 4, figsize=(15, 3.3), gridspec_kw={"width_ratios": [1, 2, 2, 1]})
-    ax[0].imshow(lab.x[0, 0].numpy(), cmap="gray")
-    ax[0].plot(col, row, "r+", ms=12, mew=2)
-    ax[0].set_title(f"digit, pixel ({row}, {col})", fontsize=9)
-    ax[0].axis("off")
-    _bars(ax[1], c[slot, component].numpy(), f"coefficients c_a, field {slot}, component {component} "
-                                             f"({lab.group.degrees(lab.group.elements[component]):g}°)")
-    v = float(c[slot].abs().max())
-    im = ax[2].imshow(c[slot].numpy(), cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto")
-    ax[2].set_xticks(range(N_OPS))
-    ax[2].set_xticklabels(OPERATOR_NAMES, rotation=90, fontsize=9)
-    ax[2].tick_params(axis="y", labelsize=9)
-    ax[2].set_ylabel("group component", fontsize=9)
-    ax[2].set_title(f"all {c.shape[1]} components of field {slot}", fontsize=9)
-    fig.colorbar(im, ax=ax[2], fraction=0.04).ax.tick_params(labelsize=9)
-    _stencil(ax[3], k[slot, component].numpy(), f"stencil ({lab.method})")
-    fig.suptitle(f"Neural ePDO, {lab.state} {lab.name} ({lab.group.name}, {lab.method}): the operator generated "
+    fig = plt.figure(figsize=(8.2, 5.6))
+    outer = fig.add_gridspec(1, 2, width_ratios=[1.2, 3.4], wspace=0.3, top=0.87)
+    gs = outer[1].subgridspec(2, 2, width_ratios=[1, 0.035], height_ratios=[1, 1.15], wspace=0.04, hspace=0.2)
+    left = outer[0].subgridspec(2, 1, hspace=0.3)
+    ax = fig.add_subplot(left[0])
+    ax.imshow(lab.x[0, 0].numpy(), cmap="gray")
+    ax.plot(col, row, "r+", ms=12, mew=2)
+    ax.set_title(f"digit, pixel ({row}, {col})", fontsize=9)
+    ax.axis("off")
+    _stencil(fig.add_subplot(left[1]), k[slot, component].numpy(), f"stencil ({lab.method}),\ncomponent {component}")
+    G = lab.group
+    _bars(fig.add_subplot(gs[0, 0]), c[slot, component].numpy(), f"coefficients c_a, field {slot}, component "
+          f"{component} ({G.degrees(G.elements[component]):g}°)", labels=False)
+    ax = fig.add_subplot(gs[1, 0])
+    _components(fig, ax, fig.add_subplot(gs[1, 1]), c[slot], f"all {c.shape[1]} components of field {slot}")
+    ax.add_patch(plt.Rectangle((-0.5, component - 0.5), N_OPS, 1, fill=False, ec="black", lw=1.5))
+    fig.suptitle(f"Neural ePDO, {lab.state} {lab.name} ({G.name}, {lab.method}):\nthe operator generated "
                  f"at one pixel", fontsize=10)
-    fig.tight_layout()
     return fig
 
 
@@ -231,55 +255,56 @@ def trained_vs_initial(lab: EPDOLab, row: int | None = None, col: int | None = N
 
 def trained_vs_initial_figure(lab: EPDOLab, row: int | None = None, col: int | None = None, *, slot: int = 0,
                               component: int = 0):
-    """Top row: the trained layer at pixel ``(row, col)``; bottom row: its initial twin. Columns: the
-    coefficients of field ``slot`` at every group component (heat map, one colour scale per row),
-    the coefficients of component ``component`` (bars, shared axis), the stencil. Bottom: each
-    operator's share of the coefficient mass over the stroke, trained vs initial. The numbers
-    of :func:`trained_vs_initial` are in ``fig.stats``."""
+    """Top row: the digit with pixel ``(row, col)`` and the stencil of field ``slot``, component
+    ``component`` there, trained and initial (the twin the training started from). Middle row: the
+    coefficients of field ``slot`` at every group component, trained and initial (heat maps, each on
+    its own colour scale). Bottom row: the coefficients of component ``component``, trained beside
+    initial, and each operator's share of the coefficient mass over the stroke, trained vs initial.
+    The numbers of :func:`trained_vs_initial` are in the title and in ``fig.stats``."""
     st = trained_vs_initial(lab, row, col, slot=slot, component=component)
     row, col = st["pixel"]
     G = lab.group
-    fig = plt.figure(figsize=(16, 9.6))
-    gs = fig.add_gridspec(3, 4, width_ratios=[1.1, 2.0, 2.0, 1.0], height_ratios=[1, 1, 1], wspace=0.5,
-                          hspace=0.8)
-    ax = fig.add_subplot(gs[:2, 0])
+    fig = plt.figure(figsize=(8.3, 8.6))
+    outer = fig.add_gridspec(2, 1, height_ratios=[0.75, 2.4], hspace=0.12, top=0.87, bottom=0.04)
+    top = outer[0].subgridspec(1, 3, wspace=0.3)
+    lower = outer[1].subgridspec(2, 1, hspace=0.45)
+    ax = fig.add_subplot(top[0])
     ax.imshow(lab.x[0, 0].numpy(), cmap="gray")
     ax.plot(col, row, "r+", ms=12, mew=2)
     ax.set_title(f"digit, pixel ({row}, {col})", fontsize=9)
     ax.axis("off")
-    lim = 1.1 * max(float(st[w][slot, component].abs().max()) for w in ("trained", "initial"))
+    maps = lower[0].subgridspec(1, 5, width_ratios=[1, 0.04, 0.14, 1, 0.04], wspace=0.08)
     for i, what in enumerate(("trained", "initial")):
         c, k = st[what], st[f"{what}_stencil"]
-        v = float(c[slot].abs().max()) or 1.0
-        a = fig.add_subplot(gs[i, 1])
-        im = a.imshow(c[slot].numpy(), cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto")
-        a.set_xticks(range(N_OPS))
-        a.set_xticklabels(OPERATOR_NAMES, rotation=90, fontsize=9)
-        a.tick_params(axis="y", labelsize=9)
-        a.set_ylabel(f"{what}\ngroup component", fontsize=9)
-        a.set_title(f"{what}: field {slot}, all {G.order} components (±{v:.2f})", fontsize=9)
-        fig.colorbar(im, ax=a, fraction=0.04).ax.tick_params(labelsize=9)
-        a = fig.add_subplot(gs[i, 2])
-        _bars(a, c[slot, component].numpy(), f"{what}: component {component} "
-                                             f"({G.degrees(G.elements[component]):g}°)",
-              color="#1f77b4" if i == 0 else "#7f7f7f")
-        a.set_ylim(-lim, lim)
-        _stencil(fig.add_subplot(gs[i, 3]), k[slot, component].numpy(), f"{what}: stencil ({lab.method})")
-    a = fig.add_subplot(gs[2, 1:])
+        _stencil(fig.add_subplot(top[1 + i]), k[slot, component].numpy(),
+                 f"{what}: stencil ({lab.method}),\ncomponent {component}")
+        a = fig.add_subplot(maps[3 * i])
+        _components(fig, a, fig.add_subplot(maps[3 * i + 1]), c[slot],
+                    f"{what}: field {slot}, all {G.order} components (±{{v}})")
+        if i:
+            a.set_ylabel(""), a.set_yticklabels([])
+    bottom = lower[1].subgridspec(1, 2, wspace=0.3)
     o = np.arange(N_OPS)
+    a = fig.add_subplot(bottom[0])
+    a.bar(o - 0.2, st["trained"][slot, component].numpy(), 0.4, color="#1f77b4", label="trained")
+    a.bar(o + 0.2, st["initial"][slot, component].numpy(), 0.4, color="#7f7f7f", label="initial")
+    a.axhline(0, color="k", lw=0.5)
+    _operator_axis(a)
+    a.tick_params(axis="y", labelsize=9)
+    a.yaxis.set_major_locator(plt.MaxNLocator(5))
+    a.set_title(f"coefficients c_a of component {component} ({G.degrees(G.elements[component]):g}°)", fontsize=9)
+    a = fig.add_subplot(bottom[1])
     a.bar(o - 0.2, st["share_trained"], 0.4, color="#1f77b4", label="trained")
     a.bar(o + 0.2, st["share_initial"], 0.4, color="#7f7f7f", label="initial")
-    a.set_xticks(o)
-    a.set_xticklabels(OPERATOR_NAMES, rotation=90, fontsize=9)
+    _operator_axis(a)
     a.tick_params(axis="y", labelsize=9)
-    a.set_ylabel("share of Σ|c_a|", fontsize=9)
-    a.set_title("each operator's share of the coefficient mass (stroke pixels, all fields and components)",
-                fontsize=9)
-    a.legend(fontsize=9)
-    fig.suptitle(f"{lab.name} ({G.name}, {lab.method}): first Neural ePDO layer, trained (top) vs the initial "
-                 f"weights of the same run (bottom)\nat the pixel: ||c_trained − c_initial|| / ||c_initial|| = "
-                 f"{st['relative_change']:.2f}, cosine {st['cosine']:.2f}; trained coefficients at the 90°-rotated "
-                 f"pixel = ρ(g) c D(g)⁻¹ to {st['rotation_error']:.0e}", fontsize=10, y=0.97)
+    a.yaxis.set_major_locator(plt.MaxNLocator(5))
+    a.set_title("share of Σ|c_a| over the stroke\n(all fields and components)", fontsize=9)
+    a.legend(fontsize=9, loc="upper right")
+    fig.suptitle(f"{lab.name} ({G.name}, {lab.method}): first Neural ePDO layer, trained vs the initial "
+                 f"weights\nof the same run; at the pixel ||c_trained − c_initial|| / ||c_initial|| = "
+                 f"{st['relative_change']:.2f}, cosine {st['cosine']:.2f};\ntrained coefficients at the 90°-rotated "
+                 f"pixel = ρ(g) c D(g)⁻¹ to {st['rotation_error']:.0e}", fontsize=10)
     fig.stats = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in st.items()
                  if not isinstance(v, torch.Tensor)}
     return fig
@@ -328,19 +353,20 @@ def rotation_errors(lab: EPDOLab, row: int, col: int) -> dict:
 
 
 def rotation_figure(lab: EPDOLab, row: int, col: int, *, slot: int = 0, component: int = 0):
-    """Left: rotate the digit by 90 degrees; the coefficients at the rotated pixel, component
-    ``rho(g) component``, vs the prediction ``c D(g)^-1`` from the upright ones (exact). Right: the
+    """Top: rotate the digit by 90 degrees; the coefficients at the rotated pixel, component
+    ``rho(g) component``, vs the prediction ``c D(g)^-1`` from the upright ones (exact). Bottom: the
     group's smallest angle (22.5° for C16, 45° for C8), at the centre pixel of a 29x29 copy (digit
     rotated by interpolation: approximate)."""
     lab.check_slot(slot, component)
-    fig, ax = plt.subplots(1, 2, figsize=(14, 3.6))
+    fig, ax = plt.subplots(2, 1, figsize=(7.6, 5.6), sharex=True)
     out = {}
-    for a, (deg, (c1, pred, (r2, c2), err)) in zip(ax, rotation_errors(lab, row, col).items()):
+    for k, (a, (deg, (c1, pred, (r2, c2), err))) in enumerate(zip(ax, rotation_errors(lab, row, col).items())):
         out[deg] = err
         j = component
         _bars(a, c1[slot, j].numpy(), f"rotated {deg:g}°: pixel ({r2}, {c2}), component {j}; "
-                                      f"rel. error (all fields) {err:.1e}", pred=pred[slot, j].numpy())
-    fig.suptitle(f"Rotating the input moves the operator along the group axis and transforms its "
+                                      f"rel. error (all fields) {err:.1e}", pred=pred[slot, j].numpy(), labels=k == 1)
+    ax[0].legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.suptitle(f"Rotating the input moves the operator along the group axis and transforms its\n"
                  f"coefficients by D^-T ({lab.state} {lab.name}, {lab.group.name})", fontsize=10)
     fig.tight_layout()
     fig.errors = out
@@ -360,21 +386,22 @@ def _rotation_cases(lab: EPDOLab, row: int, col: int):
 
 def discretisations_figure(lab: EPDOLab, row: int, col: int, *, slot: int = 0, component: int = 0,
                            operators=((1, 0), (2, 0), (1, 1), (3, 0), (2, 2))):
-    """Rows fd / gauss / rbffd: the stencils of a few operators, and (last column) the stencil that the
-    coefficients generated at the pixel make under each discretisation."""
+    """Rows fd / gauss / rbffd: the stencils of a few operators (one per column), and (last column)
+    the stencil that the coefficients generated at the pixel make under each discretisation."""
     lab.check_slot(slot, component)
     c, _ = lab.at(lab.x, row, col)
     coef = c[slot, component].double()
-    fig, ax = plt.subplots(3, len(operators) + 1, figsize=(2.1 * (len(operators) + 1), 6.4))
+    fig, ax = plt.subplots(3, len(operators) + 1, figsize=(1.25 * (len(operators) + 1) + 0.3, 4.9))
     for i, m in enumerate(("fd", "gauss", "rbffd")):
         S, _ = pdo_stencil_matrix(m, _METHOD_KW[m])
         S = S.reshape(N_OPS, KERNEL_SIZE, KERNEL_SIZE)
         for j, (a, b) in enumerate(operators):
-            _stencil(ax[i, j], S[components(4).index((a, b))].numpy(), f"{m}: {component_name(a, b)}")
+            _stencil(ax[i, j], S[components(4).index((a, b))].numpy(), component_name(a, b) if i == 0 else None)
         K = torch.einsum("a,auv->uv", coef, S)
-        _stencil(ax[i, -1], K.numpy(), f"{m}: generated c.S")
-    fig.suptitle("Three discretisations, one component order and sign convention (red +, blue -)", fontsize=10)
-    fig.tight_layout()
+        _stencil(ax[i, -1], K.numpy(), "generated c·S" if i == 0 else None)
+        ax[i, 0].set_ylabel(m, fontsize=10)
+    fig.suptitle("Three discretisations, one component order and\nsign convention (red +, blue −)", fontsize=10)
+    fig.tight_layout(h_pad=0.4, w_pad=0.4)
     return fig
 
 
@@ -405,7 +432,7 @@ def angle_errors(*, methods=("fd", "gauss", "rbffd"), steps: int = 8, fields: in
 def error_vs_angle_figure(errors: dict):
     """Relative error vs angle (log scale; exact zeros drawn at 1e-16) for each discretisation, in the
     kit's direction and the opposite one (:func:`kit.explore.viz.plot_error_vs_angle`)."""
-    fig, ax = plt.subplots(1, 2, figsize=(12, 3.8), sharey=True)
+    fig, ax = plt.subplots(1, 2, figsize=(7.6, 4.2), sharey=True)
     colors = {"fd": "#1f77b4", "gauss": "#2ca02c", "rbffd": "#d62728"}
     marks = {"fd": "o", "gauss": "s", "rbffd": "^"}
 
@@ -419,15 +446,18 @@ def error_vs_angle_figure(errors: dict):
             plot_error_vs_angle(a, recs(angles, res[name + "_opposite"]), label=m, color=colors.get(m), style="x:",
                                 ms=6, floor_min=1e-16, error_label="opposite direction")
         a.set_yscale("log")
-        a.set_xticks(angles)
-        a.set_xlabel("rotation (degrees)")
+        a.yaxis.set_major_locator(LogLocator(numticks=6))
+        a.set_xticks(angles, [f"{v:g}" for v in angles])
+        a.tick_params(labelsize=9)
+        a.set_xlabel("rotation (degrees)", fontsize=9)
         a.set_title({"lift": "linear PDO-eConv lift", "nlpdo": "Neural ePDO layer"}[name], fontsize=10)
         a.grid(alpha=0.3)
-    ax[0].set_ylabel("relative error at the rotation centre")
-    ax[1].legend(fontsize=7, ncol=2)
-    fig.suptitle("C16 angles: exact at multiples of 90°, approximate in between; the opposite direction is far off",
+    ax[0].set_ylabel("relative error at the rotation centre", fontsize=9)
+    h, l = ax[1].get_legend_handles_labels()
+    fig.legend(h, l, fontsize=9, ncol=3, loc="lower center", frameon=False)
+    fig.suptitle("C16 angles: exact at multiples of 90°, approximate in between;\nthe opposite direction is far off",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return fig
 
 
@@ -469,19 +499,20 @@ def precision_by_depth(*, method: str = "gauss", widths=None, seed: int = 0, bat
 
 def precision_figure(res: dict, *, target: float = 1e-5):
     """Float32 error, its round-off floor and the float64 error per stage (log scale)."""
-    fig, ax = plt.subplots(figsize=(9, 3.8))
+    fig, ax = plt.subplots(figsize=(7.4, 4.4))
     i = np.arange(len(res["labels"]))
     ax.semilogy(i, res["error_f32"], "o-", color="#1f77b4", label="float32 error at 90°·k")
     ax.semilogy(i, res["floor"], "v--", color="#1f77b4", mfc="none", alpha=0.7,
-                label="float32 round-off floor (error <= floor + float64 error)")
+                label="float32 round-off floor\n(error <= floor + float64 error)")
     ax.semilogy(i, np.maximum(res["error_f64"], 1e-17), "s-", color="#2ca02c", label="float64 error at 90°·k")
     ax.axhline(target, color="#d62728", lw=1, ls=":", label=f"target {target:g} (issue 6)")
     ax.set_xticks(i, res["labels"])
-    ax.set_ylabel("relative error (max over 90°, 180°, 270°)")
+    ax.yaxis.set_major_locator(LogLocator(numticks=7))
+    ax.tick_params(labelsize=9)
+    ax.set_ylabel("relative error\n(max over 90°, 180°, 270°)", fontsize=9)
     ax.grid(alpha=0.3, which="both", axis="y")
-    ax.legend(fontsize=8, loc="center right")
-    ax.set_title(f"Neural ePDO ({res['method']}), stage by stage: float32 rounding grows with depth; "
+    ax.legend(fontsize=9, loc="center right")
+    ax.set_title(f"Neural ePDO ({res['method']}), stage by stage: float32 rounding grows\nwith depth; "
                  f"float64 stays exact", fontsize=10)
     fig.tight_layout()
     return fig
-

@@ -236,7 +236,7 @@ def _unit(v: float) -> tuple[float, str]:
 
 
 def cost_figure(rows: list[dict]):
-    """Bar charts: parameters and MACs per image of each model, ours beside the reference.
+    """Horizontal bar charts: parameters and MACs per image of each model, ours beside the reference.
 
     One row of two panels per input size (CIFAR 3x32x32, MNIST 1x28x28: scales a thousand-fold
     apart). The MAC bars are split into counted ops (solid) and the E4 dynamic aggregation
@@ -248,29 +248,29 @@ def cost_figure(rows: list[dict]):
     groups = {}
     for r in rows:
         groups.setdefault(r["input"], []).append(r["model"])
-    width = max(len(g) for g in groups.values())
     plt = require("matplotlib.pyplot", "lab", feature="the cost figure")
-    fig, axes = plt.subplots(len(groups), 2, figsize=(max(8.0, 2.6 * width + 1.5), 4.2 * len(groups)), squeeze=False)
+    sizes = [len(g) for g in groups.values()]
+    fig, axes = plt.subplots(len(groups), 2, figsize=(8.7, 1.1 + sum(0.45 * n + 0.9 for n in sizes)), squeeze=False,
+                             gridspec_kw={"height_ratios": sizes})
+    notes, handles = [], {}
     for row_axes, (inp, names) in zip(axes, groups.items()):
         for ax, key in zip(row_axes, ("params", "macs")):
             unit, u = _unit(max(by[n][key] for n in names))
-            dyn_labelled = False
             for i, n in enumerate(names):
                 r = by[n]
                 col = _BAR.get(n, "#888888")
                 if key == "macs":
-                    ax.bar(i, r["macs_counted"] / unit, color=col, edgecolor="black", linewidth=0.5)
+                    ax.barh(i, r["macs_counted"] / unit, color=col, edgecolor="black", linewidth=0.5)
                     if r["macs_dynamic"]:
-                        ax.bar(i, r["macs_dynamic"] / unit, bottom=r["macs_counted"] / unit, color="white",
-                               edgecolor="black", hatch="////", linewidth=0.5,
-                               label=None if dyn_labelled else "E4 aggregation (not seen by FLOP counters)")
-                        dyn_labelled = True
+                        handles["E4 aggregation (not seen by FLOP counters)"] = ax.barh(
+                            i, r["macs_dynamic"] / unit, left=r["macs_counted"] / unit, color="white",
+                            edgecolor="black", hatch="////", linewidth=0.5)
                 else:
-                    ax.bar(i, r[key] / unit, color=col, edgecolor="black", linewidth=0.5)
+                    ax.barh(i, r[key] / unit, color=col, edgecolor="black", linewidth=0.5)
                 ref = r[f"{key}_ref"]
                 if ref:
-                    ax.plot([i - 0.4, i + 0.4], [ref / unit] * 2, color="black", lw=2,
-                            label="reference (official code)" if i == 0 else None)
+                    handles["reference (official code)"], = ax.plot([ref / unit] * 2, [i - 0.4, i + 0.4],
+                                                                    color="black", lw=2)
                 note = []
                 q = ratios.get(n)
                 if q:
@@ -280,18 +280,29 @@ def cost_figure(rows: list[dict]):
                     share = 100 * r["macs_dynamic"] / r["macs"]
                     note.append(f"aggregation {r['macs_dynamic'] / 1e6:.1f} M ({share:.1f}%)")
                 if note:
-                    ax.annotate("\n".join(note), (i, r[key] / unit), xytext=(0, 4), textcoords="offset points",
-                                ha="center", va="bottom", fontsize=7)
-            ax.set_xticks(range(len(names)))
-            ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
-            ax.set_xlim(-0.6, width - 0.4)
+                    end = max(r[key], ref or 0) / unit
+                    notes.append((ax, end, ax.annotate("\n".join(note), (end, i), xytext=(4, 0),
+                                                       textcoords="offset points", ha="left", va="center",
+                                                       fontsize=9)))
+            ax.set_yticks(range(len(names)))
+            ax.set_yticklabels(names if key == "params" else [], fontsize=9)
+            ax.set_ylim(len(names) - 0.5, -0.5)                              # first model on top
+            ax.tick_params(axis="x", labelsize=9)
+            ax.xaxis.set_major_locator(plt.MaxNLocator(4))
             ax.set_title(f"{'parameters' if key == 'params' else 'MACs per image'} ({u}), input {inp}", fontsize=9)
-            ax.set_ylim(0, ax.get_ylim()[1] * 1.18)
-            ax.grid(axis="y", alpha=0.3)
-            ax.legend(fontsize=7, loc="upper left")
+            ax.set_xlim(0, max(max(by[n][key], by[n][f"{key}_ref"] or 0) for n in names) / unit * 1.05)
+            ax.grid(axis="x", alpha=0.3)
     fig.suptitle("E4-Net cost: parameters and MACs per image (FlopCounterMode + the dynamic aggregation)",
                  fontsize=10)
-    fig.tight_layout()
+    if handles:
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=9,
+                   frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
+    fig.canvas.draw()                                                         # room for the notes right of the bars
+    for ax, end, t in notes:
+        w = ax.get_window_extent().width
+        need = end * w / max(w - t.get_window_extent().width - 12, 1)
+        ax.set_xlim(0, max(ax.get_xlim()[1], need))
     return fig
 
 
