@@ -21,6 +21,7 @@ Works for the kernels of any group-conv layer of the kit: :class:`kit.layers.Gro
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
@@ -30,8 +31,8 @@ import torch.nn as nn
 
 __all__ = ["KernelStats", "LayerReport", "group_kernel", "group_conv_layers", "spectrum", "subgroup_stats",
            "channel_stats", "rank1_approximation", "analyze", "compare", "compare_table", "random_baseline",
-           "spectra_figure", "explained_variance_figure", "rank1_figure", "summary_figure",
-           "train_with_initial", "kernel_explorer"]
+           "spectra_figure", "explained_variance_figure", "slices_figure", "rank1_figure", "summary_figure",
+           "wrap", "train_with_initial", "kernel_explorer"]
 
 AXES = ("subgroup", "channels")
 
@@ -207,19 +208,40 @@ def compare_table(rows: list[dict]) -> str:
 
 
 # --------------------------------------------------------------------------------- figures
+FONT = 9                                  # smallest font of every figure (>= 10 pt on screen at <= 7.5 in)
+WIDTH = 7.4                               # figure width (in): 888 px at 120 dpi, shown unscaled in a notebook
+
+
+def wrap(text: str, width: float = WIDTH, fontsize: float = FONT + 1) -> str:
+    """``text`` with every line wrapped to fit ``width`` inches at ``fontsize`` (long titles)."""
+    n = max(20, int(width * 72 / (0.56 * fontsize)))
+    return "\n".join(textwrap.fill(line, n) for line in text.split("\n"))
+
+
 def _stats(r: LayerReport, axis: str) -> KernelStats:
     if axis not in AXES:
         raise ValueError(f"axis must be one of {AXES}, got {axis!r}")
     return getattr(r, axis)
 
 
-def _grid_axes(n: int, width: float = 3.1, height: float = 2.7):
-    cols = min(n, 4)
+def _grid_axes(n: int, height: float = 2.35):
+    cols = min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(WIDTH, height * rows + 0.9), squeeze=False, layout="constrained")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat)
+
+
+def _shared_legend(fig, axes, n: int):
+    """One legend for all ``n`` panels (the first panel's handles): in the first unused grid slot, else
+    below the panels."""
+    kw = dict(fontsize=FONT, frameon=False)
+    if len(axes) > n:
+        axes[n].set_visible(True), axes[n].axis("off")
+        axes[n].legend(*axes[0].get_legend_handles_labels(), loc="center", **kw)
+    else:
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=2, **kw)
 
 
 def spectra_figure(reports: list[LayerReport], initial: list[LayerReport] | None = None, *,
@@ -237,20 +259,21 @@ def spectra_figure(reports: list[LayerReport], initial: list[LayerReport] | None
             e = e.reshape(-1, e.shape[-1])
             e = e[~torch.isnan(e).any(-1)].numpy()
             idx = np.arange(1, e.shape[1] + 1)
-            med = np.median(e, 0)
-            ax.plot(idx, med, ls, color=col, marker="o", ms=3, label=f"{label} (EV1 {_stats(rep, axis).mean():.2f})")
+            ax.plot(idx, np.median(e, 0), ls, color=col, marker="o", ms=3, label=f"{label}: median,\n10-90 % band")
             ax.fill_between(idx, np.quantile(e, 0.1, 0), np.quantile(e, 0.9, 0), color=col, alpha=0.2)
         ax.set_yscale("log")
         ax.set_ylim(1e-4, 1.2)
-        ax.set_title(f"{r.name}\n{'x'.join(map(str, r.shape))}", fontsize=8)
-        ax.set_xlabel("singular value index", fontsize=8)
-        if j % 4 == 0:
-            ax.set_ylabel("s_i^2 / sum s^2", fontsize=8)
-        ax.legend(fontsize=7)
+        ax.set_xticks(idx if len(idx) <= 6 else np.unique(np.linspace(1, len(idx), 5).round().astype(int)))
+        ev = ", ".join(f"{lab} {_stats(rep, axis).mean():.2f}" for lab, rep, _, _ in series)
+        ax.set_title(f"{r.name} ({'x'.join(map(str, r.shape))})\nEV1 {ev}", fontsize=FONT)
+        ax.set_xlabel("singular value index", fontsize=FONT)
+        if j % 3 == 0:
+            ax.set_ylabel(r"$s_i^2\,/\,\Sigma_j\,s_j^2$", fontsize=FONT + 1)
+        ax.tick_params(labelsize=FONT)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Singular-value spectra of group-conv kernels along the {axis} axis "
-                 f"(rank 1 = separable; median and 10-90 % band)", fontsize=10)
-    fig.tight_layout()
+    _shared_legend(fig, axes, len(reports))
+    fig.suptitle(f"Singular-value spectra of group-conv kernels along the {axis} axis (rank 1 = separable)",
+                 fontsize=FONT + 1)
     return fig
 
 
@@ -270,14 +293,46 @@ def explained_variance_figure(reports: list[LayerReport], initial: list[LayerRep
             st = _stats(rep, axis)
             v = st.explained.flatten()
             v = v[~torch.isnan(v)].numpy()
-            ax.hist(v, bins=bins, color=col, alpha=0.55, label=label, density=True)
+            ax.hist(v, bins=bins, color=col, alpha=0.55, label=f"{label}\n(line: its mean)", density=True)
             ax.axvline(st.mean(), color=col, lw=1.5)
             title.append(f"{label} {st.mean():.2f}")
-        ax.set_title(f"{r.name}: mean EV1 " + ", ".join(title), fontsize=8)
-        ax.set_xlabel("rank-1 explained variance", fontsize=8)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Rank-1 explained variance of kernels along the {axis} axis (1 = separable)", fontsize=10)
-    fig.tight_layout()
+        ax.set_title(f"{r.name}\nmean EV1 " + ", ".join(title), fontsize=FONT)
+        ax.set_xlabel("rank-1 explained variance", fontsize=FONT)
+        ax.set_xticks([0, 0.25, 0.5, 0.75, 1], ["0", ".25", ".5", ".75", "1"])
+        ax.tick_params(labelsize=FONT)
+        if j % 3 == 0:
+            ax.set_ylabel("density", fontsize=FONT)
+    _shared_legend(fig, axes, len(reports))
+    fig.suptitle(f"Rank-1 explained variance of kernels along the {axis} axis (1 = separable)", fontsize=FONT + 1)
+    return fig
+
+
+def slices_figure(rows: list[tuple[str, torch.Tensor]], labels: list[str], title: str, *,
+                  vmax: float | None = None, max_cols: int = 8):
+    """Kernels over a group axis: one row of images per ``(name, T (D, k, k))`` in ``rows``, columns
+    titled by ``labels`` (wrapped into blocks of at most ``max_cols`` columns); one symmetric colour
+    scale ``vmax`` for all, or one per row (``None``)."""
+    D = len(labels)
+    cols = math.ceil(D / math.ceil(D / max_cols))
+    blocks = math.ceil(D / cols)
+    w = min(1.25, (WIDTH - 1.1) / cols)
+    n = len(rows) * blocks
+    fig, axes = plt.subplots(n, cols, figsize=(w * cols + 1.1, w * n + 0.3 * blocks + 0.2 * (title.count("\n") + 2)),
+                             squeeze=False, layout="constrained")
+    for b in range(blocks):
+        for r, (name, T) in enumerate(rows):
+            v = vmax or float(T.abs().max()) or 1.0
+            for c in range(cols):
+                ax, d = axes[b * len(rows) + r, c], b * cols + c
+                if d >= D:
+                    ax.set_visible(False)
+                    continue
+                ax.imshow(np.asarray(T[d], dtype=float), cmap="RdBu_r", vmin=-v, vmax=v)
+                ax.set_xticks([]), ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(labels[d], fontsize=FONT)
+            axes[b * len(rows) + r, 0].set_ylabel(name, fontsize=FONT)
+    fig.suptitle(title, fontsize=FONT + 1)
     return fig
 
 
@@ -291,25 +346,16 @@ def rank1_figure(K: torch.Tensor, *, out: int = 0, inp: int = 0, labels: list[st
     R = rank1_approximation(A)
     st = subgroup_stats(A)
     D = A.shape[2]
-    fig, axes = plt.subplots(3, D, figsize=(1.25 * D + 1.2, 4.2), squeeze=False)
-    v = float(A.abs().max()) or 1.0
-    for row, (name, T) in enumerate((("kernel", A), ("rank-1", R), ("residual", A - R))):
-        for d in range(D):
-            ax = axes[row, d]
-            ax.imshow(T[0, 0, d].float().numpy(), cmap="RdBu_r", vmin=-v, vmax=v)
-            ax.set_xticks([]), ax.set_yticks([])
-            if row == 0:
-                ax.set_title(labels[d] if labels else f"h={d}", fontsize=7)
-        axes[row, 0].set_ylabel(name, fontsize=8)
-    fig.suptitle(title or f"kernel [out {out}, in {inp}] over the group axis: rank-1 explained variance "
-                          f"{st.mean():.3f}, relative error {st.mean('rank1_error'):.3f}", fontsize=9)
-    fig.tight_layout()
-    return fig
+    title = title or (f"kernel [out {out}, in {inp}] over the group axis: rank-1 explained variance "
+                      f"{st.mean():.3f}, relative error {st.mean('rank1_error'):.3f}")
+    return slices_figure([(name, T[0, 0].float()) for name, T in (("kernel", A), ("rank-1", R), ("residual", A - R))],
+                         labels or [f"h={d}" for d in range(D)], wrap(title, min(WIDTH, 1.25 * D + 1.1)),
+                         vmax=float(A.abs().max()) or 1.0)
 
 
 def summary_figure(rows: list[dict]):
     """Bar chart of :func:`compare` rows: mean rank-1 explained variance per layer, trained vs init."""
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 3.4))
+    fig, ax = plt.subplots(figsize=(min(WIDTH, max(4.0, 1.1 * len(rows) + 1.5)), 3.8), layout="constrained")
     x = np.arange(len(rows))
     t = [r["rank1_ev_trained"] for r in rows]
     i = [r["rank1_ev_init"] for r in rows]
@@ -319,14 +365,16 @@ def summary_figure(rows: list[dict]):
     if all(b is not None for b in base):
         ax.hlines(base, x - 0.45, x + 0.45, colors="k", linestyles="--", lw=1.2, label="i.i.d. random kernels")
     for xx, a, b in zip(x, t, i):
-        ax.text(xx - 0.2, a / 2, f"{a:.2f}", ha="center", fontsize=7, color="w", rotation=90)
-        ax.text(xx + 0.2, b / 2, f"{b:.2f}", ha="center", fontsize=7, color="w", rotation=90)
-    ax.set_xticks(x, [r["layer"] for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.text(xx - 0.2, a / 2, f"{a:.2f}", ha="center", va="center", fontsize=FONT, color="w", rotation=90)
+        ax.text(xx + 0.2, b / 2, f"{b:.2f}", ha="center", va="center", fontsize=FONT, color="w", rotation=90)
+    tilt = sum(len(r["layer"]) + 2 for r in rows) > 60                   # labels would touch
+    ax.set_xticks(x, [r["layer"] for r in rows], rotation=30 if tilt else 0, ha="right" if tilt else "center",
+                  fontsize=FONT)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("mean rank-1 explained variance")
-    ax.legend(fontsize=8)
-    ax.set_title("Kernel separability along the subgroup axis per layer", fontsize=10)
-    fig.tight_layout()
+    ax.set_ylabel("mean rank-1 explained variance", fontsize=FONT + 1)
+    ax.tick_params(labelsize=FONT)
+    ax.legend(fontsize=FONT, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=3, frameon=False)
+    fig.suptitle("Kernel separability along the subgroup axis per layer", fontsize=FONT + 1)
     return fig
 
 

@@ -32,12 +32,14 @@ from __future__ import annotations
 import math
 
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .. import models
 from . import redundancy
+from .redundancy import WIDTH, wrap
 from ..equivariance import error_vs_angle
 from ..groups import disk_mask
 from ..layers.separable import LieGroupConv, LieLiftingConv, _inv_det, _LieConv, _spatial_coords, _spatial_mask
@@ -122,18 +124,25 @@ def kernel_function_figure(layer: LieGroupConv, *, initial: LieGroupConv | None 
     output rotation (bottom) of a *separable* layer; see the module docstring.
 
     ``initial``: the same layer before training (:func:`zoo_pair`), drawn beside it: dashed H-kernel
-    curves (SE(2)) or a second panel (Sim(2)), and its spatial kernels in the rows below the trained
-    ones, on the same colour scale. ``labels`` name the two."""
+    curves (SE(2)) or a second panel (Sim(2)), and its spatial kernels beside or below the trained
+    ones, on the same colour scale. ``labels`` name the two. At most 16 rotations (Sim(2): 8) per
+    scale are drawn, evenly spaced, in rows of at most 8."""
     g = layer.grid
     if initial is not None and (initial.grid != g or initial.variant != layer.variant):
         raise ValueError(f"initial must be the same layer on the same grid, got {initial.grid.name} "
                          f"{initial.variant} vs {g.name} {layer.variant}")
     N, S = g.rotations, g.scales
     shown = [(labels[0] if initial is not None else None, layer)] + ([(labels[1], initial)] if initial is not None else [])
-    cols = max(N, 4)
-    n_img = S * len(shown)
-    fig = plt.figure(figsize=(min(max(1.3 * cols + 1.6, 10.0), 19), 3.4 + 1.3 * n_img), layout="constrained")
-    outer = fig.add_gridspec(2, 1, height_ratios=[2.6, 1.25 * n_img])
+    drawn = list(range(0, N, math.ceil(N / (16 if S == 1 else 8))))                # sampled rotations drawn
+    side = len(shown) * len(drawn) <= 8                                             # panes side by side
+    cols = len(drawn) if side else min(len(drawn), 8)
+    per = math.ceil(len(drawn) / cols)                                              # rows per scale
+    pw = min(1.1, (WIDTH - 1.0) / (cols * (len(shown) if side else 1)))            # image size (in)
+    n_rows = S * per * (1 if side else len(shown))
+    top_h = 2.8 if S == 1 else 2.6
+    bottom_h = pw * n_rows + 0.3 * per * (1 if side else len(shown))       # titles on scale-0 rows
+    fig = plt.figure(figsize=(WIDTH, top_h + bottom_h + 1.0), layout="constrained")
+    outer = fig.add_gridspec(2, 1, height_ratios=[top_h, bottom_h])
     dense = torch.linspace(0, 2 * math.pi, 721)[:-1]
     grid_t = 2 * math.pi * torch.arange(N) / N
     deg = lambda t: np.degrees(np.asarray(t))
@@ -143,19 +152,21 @@ def kernel_function_figure(layer: LieGroupConv, *, initial: LieGroupConv | None 
         for p in range(pairs):
             o, i = (out + p) % layer.out_type.n_fields, (inp + p) % layer.in_type.n_fields
             color = None
-            for j, ((name, _), (kd, kg)) in enumerate(zip(shown, curves)):
-                lab = f"k_H[out {o}, in {i}]" + (f", {name}" if name else "")
+            for j, (kd, kg) in enumerate(curves):
                 line, = ax.plot(deg(dense), kd[:, o, i].numpy(), "-" if j == 0 else "--", lw=1.5 if j == 0 else 1.1,
-                                color=color, label=lab)
+                                color=color, label=f"out {o}, in {i}" if j == 0 else None)
                 color = line.get_color()
                 ax.plot(deg(grid_t), kg[:, o, i].numpy(), "o", ms=6, color=color,
                         mfc=color if j == 0 else "white")
+        handles, _ = ax.get_legend_handles_labels()
+        style = [Line2D([], [], color="k", ls=ls, marker="o", ms=5, mfc=mfc, label=name)
+                 for (name, _), ls, mfc in zip(shown, ("-", "--"), ("k", "white")) if name]
+        ax.legend(handles=handles + style, fontsize=FONT, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_ylabel("k_H(dtheta)", fontsize=FONT + 1)
-        ax.legend(fontsize=FONT, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        what = ", trained (solid) and initial (dashed)," if initial is not None else " (lines)"
-        ax.set_title(f"separable kernel on {g.name}: continuous H-kernel{what} and its values at the\n"
-                     f"{N} sampled relative rotations (dots); the angle encoding theta/pi - 1 has a seam at 0/360°",
-                     fontsize=FONT + 1)
+        what = ", trained solid, initial dashed" if initial is not None else ""
+        fig.suptitle(wrap(f"Separable kernel on {g.name}: continuous H-kernel (lines{what}) and its values at the "
+                          f"{N} sampled relative rotations (dots); the angle encoding theta/pi - 1 has a seam at "
+                          f"0/360°", WIDTH, FONT + 2), fontsize=FONT + 2)
         axes_top = [ax]
     else:
         ls = g.log_scales()
@@ -173,11 +184,11 @@ def kernel_function_figure(layer: LieGroupConv, *, initial: LieGroupConv | None 
             ax.plot(tt.flatten(), dd.flatten(), "k.", ms=5)
             if j == 0:
                 ax.set_ylabel("relative log-scale dlog s", fontsize=FONT + 1)
-            ax.set_title((f"{name}: " if name else "") + f"k_H(dtheta, dlog s)[out {out}, in {inp}]",
-                         fontsize=FONT + 1)
+            ax.set_title(name or f"k_H[out {out}, in {inp}]", fontsize=FONT + 1)
             axes_top.append(ax)
-        fig.colorbar(im, ax=axes_top, fraction=0.03, pad=0.01).ax.tick_params(labelsize=FONT)
-        fig.suptitle(f"separable kernel on {g.name}: continuous H-kernel and the sampled grid (dots)",
+        fig.colorbar(im, ax=axes_top, fraction=0.04, pad=0.02).ax.tick_params(labelsize=FONT)
+        fig.suptitle(wrap(f"Separable kernel on {g.name}: continuous H-kernel\n"
+                          f"k_H(dtheta, dlog s)[out {out}, in {inp}] and the sampled grid (dots)", WIDTH, FONT + 2),
                      fontsize=FONT + 2)
     for ax in axes_top:
         ax.set_xlabel("relative rotation dtheta (degrees)", fontsize=FONT + 1)
@@ -187,18 +198,19 @@ def kernel_function_figure(layer: LieGroupConv, *, initial: LieGroupConv | None 
         ax.grid(alpha=0.3)
     KRs = [spatial_kernels(L)[:, :, out] for _, L in shown]                            # (N, S, k, k) each
     v = max(float(k.abs().max()) for k in KRs) or 1.0
-    bottom = outer[1].subgridspec(n_img, cols)
-    step = max(1, math.ceil(N / cols))
+    panes = outer[1].subgridspec(1, len(shown), wspace=0.08) if side else outer[1].subgridspec(len(shown), 1)
     for j, ((name, _), KR) in enumerate(zip(shown, KRs)):
+        gs = panes[j].subgridspec(S * per, cols)
         for s in range(S):
-            r = j * S + s
-            for c, a in enumerate(range(0, N, step)):
-                ax = fig.add_subplot(bottom[r, c])
-                _img(ax, KR[a, s], v, f"k_R[out {out}], {360 * a / N:g}°" if r == 0 and c == 0 else
-                     (f"{360 * a / N:g}°" if r == 0 else None))
-                if c == 0:
-                    lab = (name + "\n" if name else "") + (f"s={math.exp(g.log_scales()[s]):.2f}" if S > 1 else "")
+            for n, a in enumerate(drawn):
+                r, c = s * per + n // cols, n % cols
+                ax = fig.add_subplot(gs[r, c])
+                _img(ax, KR[a, s], v, f"{360 * a / N:g}°" if s == 0 else None)
+                if c == 0 and n < cols:
+                    lab = "\n".join(x for x in (name, f"s={math.exp(g.log_scales()[s]):.2f}" if S > 1 else None) if x)
                     ax.set_ylabel(lab, fontsize=FONT)
+    fig.supxlabel(f"spatial kernel k_R[out {out}] at the sampled output rotations"
+                  + (" and scales" if S > 1 else "") + ", one colour scale", fontsize=FONT + 1)
     return fig
 
 
@@ -208,24 +220,16 @@ def side_by_side_figure(layers: dict, *, out: int = 0, inp: int = 0):
     non, sep = layers["nonseparable"], layers["separable"]
     Kn, Ks = non.canonical_kernel(), sep.canonical_kernel()
     g = non.grid
-    D = g.dim
     R1 = redundancy.rank1_approximation(Kn[out:out + 1, inp:inp + 1])[0, 0]
     evn = redundancy.subgroup_stats(Kn).mean()
     evs = redundancy.subgroup_stats(Ks).mean()
     rows = [(f"non-separable\nEV1 {evn:.2f}", Kn[out, inp]), (f"separable\nEV1 {evs:.2f}", Ks[out, inp]),
             ("non-sep.\nrank-1 approx.", R1)]
-    fig, axes = plt.subplots(3, D, figsize=(1.2 * D + 1.4, 4.4), squeeze=False)
-    for r, (name, K) in enumerate(rows):
-        v = float(K.abs().max()) or 1.0
-        for d in range(D):
-            a, s = divmod(d, g.scales)
-            lab = f"{360 * a / g.rotations:g}°" + (f",s{s}" if g.scales > 1 else "")
-            _img(axes[r, d], K[d], v, lab if r == 0 else None)
-        axes[r, 0].set_ylabel(name, fontsize=FONT)
-    fig.suptitle(f"{g.name}: kernel of output element 0 over the input group axis, field [out {out}, in {inp}]\n"
-                 f"(EV1 = mean rank-1 explained variance over all fields)", fontsize=FONT + 1)
-    fig.tight_layout()
-    return fig
+    labels = [f"{360 * a / g.rotations:g}°" + (f",s{s}" if g.scales > 1 else "")
+              for a, s in (divmod(d, g.scales) for d in range(g.dim))]
+    return redundancy.slices_figure(rows, labels, wrap(
+        f"{g.name}: kernel of output element 0 over the input group axis, field [out {out}, in {inp}]\n"
+        f"(EV1 = mean rank-1 explained variance over all fields)", WIDTH))
 
 
 def error_sweep(*, grids=(4, 8, 16), step: float = 5.0, seed: int = 0, digit: int = 7, level: str = "layer",
@@ -453,8 +457,8 @@ def trained_vs_initial_figure(trained: nn.Module, initial: nn.Module, *, layer: 
                               refine: int = 8, fields: int = 8, rows: list[dict] | None = None):
     """What training did to the kernels of a separable zoo model (and its initial twin).
 
-    Left: relative change of every kernel function, on the sampled grid and on a ``refine`` times finer
-    grid of rotations (:func:`kernel_changes`). Right: for ``layer``, the RMS over channel pairs of
+    Top: relative change of every kernel function, on the sampled grid and on a ``refine`` times finer
+    grid of rotations (:func:`kernel_changes`). Middle: for ``layer``, the RMS over channel pairs of
     the H-kernel ``k_H(dtheta)`` (Sim(2): at ``dlog s = 0``), initial, trained and their difference,
     with the sampled rotations marked. Bottom: that layer's spatial kernels ``k_R`` (rotation 0, scale
     1) for the first ``fields`` output fields: initial, trained, difference, on one colour scale."""
@@ -465,11 +469,12 @@ def trained_vs_initial_figure(trained: nn.Module, initial: nn.Module, *, layer: 
                          f"{', '.join(n for n, m in conv_layers(trained).items() if m.variant == 'separable')}")
     name = getattr(trained, "pretrained", {}).get("name", type(_net(trained)).__name__)
     g, O = Lt.grid, min(fields, Lt.out_type.n_fields)
-    fig = plt.figure(figsize=(max(13.0, 1.35 * O + 2), 10.0), layout="constrained")
-    outer = fig.add_gridspec(2, 1, height_ratios=[1.45, 1.0])
-    top = outer[0].subgridspec(1, 2, width_ratios=[1.0, 1.15])
+    pw = min(1.0, (WIDTH - 1.1) / O)                                                  # spatial kernel size (in)
+    heights = [0.26 * len(rows) + 1.0, 2.7, 3 * (pw + 0.08) + 0.5]
+    fig = plt.figure(figsize=(WIDTH, sum(heights) + 0.6), layout="constrained")
+    outer = fig.add_gridspec(3, 1, height_ratios=heights)
 
-    ax = fig.add_subplot(top[0, 0])
+    ax = fig.add_subplot(outer[0])
     y = np.arange(len(rows))
     ax.barh(y - 0.2, [r["sampled"] for r in rows], 0.4, color="#1f77b4", label="on the sampled grid")
     ax.barh(y + 0.2, [r["finer"] for r in rows], 0.4, color="#ff7f0e", label=f"on a {refine}x finer rotation grid")
@@ -478,13 +483,13 @@ def trained_vs_initial_figure(trained: nn.Module, initial: nn.Module, *, layer: 
                 fontsize=FONT)
     ax.set_yticks(y, [f"{r['layer']} {r['part']}" for r in rows], fontsize=FONT)
     ax.invert_yaxis()
-    ax.set_xlim(0, max(max(r["sampled"], r["finer"]) for r in rows) * 1.4)
-    ax.set_xlabel("relative change |k_trained - k_init| / |k_init|", fontsize=FONT + 1)
+    ax.set_xlim(0, max(max(r["sampled"], r["finer"]) for r in rows) * 1.25)
+    ax.set_xlabel("relative change |k_trained - k_init| / |k_init| of every kernel function", fontsize=FONT + 1)
     ax.tick_params(labelsize=FONT)
     ax.legend(fontsize=FONT, loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False)
     ax.grid(axis="x", alpha=0.3)
 
-    ax = fig.add_subplot(top[0, 1])
+    ax = fig.add_subplot(outer[1])
     dense = torch.linspace(0, 2 * math.pi, 721)[:-1]
     dls = torch.zeros(()) if g.is_sim2 else None
     args = (dense,) if dls is None else (dense, dls)
@@ -500,24 +505,26 @@ def trained_vs_initial_figure(trained: nn.Module, initial: nn.Module, *, layer: 
     ax.set_ylim(bottom=0)
     ax.set_xticks(range(0, 361, 45))
     ax.set_xlabel("relative rotation dtheta (degrees); dotted: the sampled rotations", fontsize=FONT + 1)
-    ax.set_ylabel("RMS over channel pairs of k_H", fontsize=FONT + 1)
+    ax.set_ylabel("RMS over channel\npairs of k_H", fontsize=FONT + 1)
     ax.tick_params(labelsize=FONT)
-    ax.legend(fontsize=FONT)
+    ax.legend(fontsize=FONT, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(alpha=0.3)
-    ax.set_title(f"{layer}: H-kernel k_H(dtheta)" + (" at dlog s = 0" if g.is_sim2 else ""), fontsize=FONT + 1)
+    ax.set_title(f"{layer}: H-kernel k_H(dtheta)" + (" at dlog s = 0" if g.is_sim2 else ""),
+                 fontsize=FONT + 1)
 
     KRt, KR0 = spatial_kernels(Lt)[0, 0, :O], spatial_kernels(L0)[0, 0, :O]             # (O, k, k)
     v = max(float(KRt.abs().max()), float(KR0.abs().max())) or 1.0
-    bottom = outer[1].subgridspec(3, O)
+    bottom = outer[2].subgridspec(3, O)
     for r, (lab, K) in enumerate((("initial", KR0), ("trained", KRt), ("trained -\ninitial", KRt - KR0))):
         for o in range(O):
             a = fig.add_subplot(bottom[r, o])
-            _img(a, K[o], v, f"k_R[out {o}]" if r == 0 else None)
+            _img(a, K[o], v, f"out {o}" if r == 0 else None)
             if o == 0:
-                a.set_ylabel(lab, fontsize=FONT + 1)
-    fig.suptitle(f"{name}: trained vs initial kernel functions (initial = the exact start of its training run)\n"
-                 f"left: every kernel function; right: the H-kernel of {layer}; bottom: its spatial kernels at "
-                 f"rotation 0, one colour scale", fontsize=FONT + 2)
+                a.set_ylabel(lab, fontsize=FONT)
+    fig.supxlabel(f"spatial kernels k_R of {layer} (rotation 0, scale 1) per output field, one colour scale",
+                  fontsize=FONT + 1)
+    fig.suptitle(wrap(f"{name}: trained vs initial kernel functions (initial = the exact start of its "
+                      f"training run)", WIDTH, FONT + 2), fontsize=FONT + 2)
     return fig
 
 
@@ -553,10 +560,10 @@ def redundancy_text(rows: list[dict]) -> str:
 
 
 def redundancy_figure(rows: list[dict], *, title: str | None = None, reference_label: str = "untrained non-separable"):
-    """Left: mean rank-1 explained variance along the input rotation axis per layer (trained, initial,
-    ``reference``, i.i.d. random; 1 = separable). Right: the distribution over kernels, all layers
+    """Top: mean rank-1 explained variance along the input rotation axis per layer (trained, initial,
+    ``reference``, i.i.d. random; 1 = separable). Bottom: the distribution over kernels, all layers
     pooled, trained vs initial."""
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw=dict(width_ratios=[1.5, 1]),
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(WIDTH, 7.6), gridspec_kw=dict(height_ratios=[1.45, 1]),
                                   layout="constrained")
     x = np.arange(len(rows))
     series = [("trained", "rank1_ev_trained", "#1f77b4"), ("initial twin", "rank1_ev_init", "#7f7f7f")]
@@ -569,16 +576,17 @@ def redundancy_figure(rows: list[dict], *, title: str | None = None, reference_l
         ax.bar(xx, vals, w, color=col, label=lab)
         for a, v in zip(xx, vals):
             if np.isfinite(v):
-                ax.text(a, v + 0.015, f"{v:.2f}", ha="center", fontsize=FONT)
+                ax.text(a, v + 0.015, f"{v:.2f}", ha="center", fontsize=FONT, rotation=90 if len(rows) > 5 else 0)
     ax.hlines([r["rank1_ev_random"] for r in rows], x - 0.45, x + 0.45, colors="k", linestyles="--", lw=1.2,
               label="i.i.d. random kernels")
     ax.axhline(1.0, color="#9467bd", lw=1.2, ls=":", label="separable (by construction)")
     ax.set_xticks(x, [f"{r['layer']}\n{r['shape']}" for r in rows], fontsize=FONT)
-    ax.set_ylim(0, 1.12)
+    ax.set_ylim(0, 1.38)                                                  # room for the legend above 1
+    ax.set_yticks(np.linspace(0, 1, 6))
     ax.set_ylabel("mean rank-1 explained variance", fontsize=FONT + 1)
     ax.tick_params(labelsize=FONT)
-    ax.legend(fontsize=FONT, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
-    ax.set_title("along the input rotation axis, per layer", fontsize=FONT + 1)
+    ax.legend(fontsize=FONT, loc="upper center", ncol=3, frameon=False)
+    ax.set_title("per layer, along the input rotation axis", fontsize=FONT + 1)
     bins = np.linspace(0, 1, 26)
     for lab, key, col in (("trained", "values_trained", "#1f77b4"), ("initial twin", "values_init", "#7f7f7f")):
         v = torch.cat([r[key] for r in rows])
@@ -587,8 +595,8 @@ def redundancy_figure(rows: list[dict], *, title: str | None = None, reference_l
     ax2.set_xlabel("rank-1 explained variance of one kernel", fontsize=FONT + 1)
     ax2.set_ylabel("density", fontsize=FONT + 1)
     ax2.tick_params(labelsize=FONT)
-    ax2.legend(fontsize=FONT)
+    ax2.legend(fontsize=FONT, loc="upper left")
     ax2.set_title("every kernel, all layers pooled", fontsize=FONT + 1)
-    fig.suptitle(title or "Kernel redundancy: how well one spatial kernel explains the slices along the input "
-                          "rotation axis", fontsize=FONT + 2)
+    fig.suptitle(wrap(title or "Kernel redundancy: how well one spatial kernel explains the slices along the input "
+                               "rotation axis", WIDTH, FONT + 2), fontsize=FONT + 2)
     return fig
