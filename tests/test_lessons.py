@@ -93,6 +93,14 @@ def test_student_version_has_gaps_not_solutions(path):
     assert not any("**Answer.**" in "".join(c["source"]) for c in student["cells"] if c["cell_type"] == "markdown")
 
 
+@pytest.mark.parametrize("path", SOURCES + [LESSONS / p.name for p in SOURCES],
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_committed_lesson_is_clean_with_a_parameters_cell(path):
+    code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    assert not any(c.get("outputs") or c.get("execution_count") for c in code), "strip outputs before committing"
+    assert "parameters" in code[0].get("metadata", {}).get("tags", []), "first code cell must be tagged 'parameters'"
+
+
 def test_unfilled_exercise_says_not_written_yet():
     nb = json.loads((LESSONS / SOURCES[1].name).read_text())        # a student notebook, as handed out
     ns = {"torch": torch, "F": F, "math": math}

@@ -193,6 +193,14 @@ def _components(fig, ax, cax, c, title):
     return v
 
 
+def _digit_panel(ax, lab, row, col):
+    """The lab's digit with the chosen pixel marked."""
+    ax.imshow(lab.x[0, 0].numpy(), cmap="gray")
+    ax.plot(col, row, "r+", ms=12, mew=2)
+    ax.set_title(f"digit, pixel ({row}, {col})", fontsize=9)
+    ax.axis("off")
+
+
 def coefficients_figure(lab: EPDOLab, row: int, col: int, *, slot: int = 0, component: int = 0):
     """The digit with the pixel; the 15 PDO coefficients of generated field ``slot``, group
     component ``component`` (one bar per operator, kit order); below them all the group components
@@ -203,11 +211,7 @@ def coefficients_figure(lab: EPDOLab, row: int, col: int, *, slot: int = 0, comp
     outer = fig.add_gridspec(1, 2, width_ratios=[1.2, 3.4], wspace=0.3, top=0.87)
     gs = outer[1].subgridspec(2, 2, width_ratios=[1, 0.035], height_ratios=[1, 1.15], wspace=0.04, hspace=0.2)
     left = outer[0].subgridspec(2, 1, hspace=0.3)
-    ax = fig.add_subplot(left[0])
-    ax.imshow(lab.x[0, 0].numpy(), cmap="gray")
-    ax.plot(col, row, "r+", ms=12, mew=2)
-    ax.set_title(f"digit, pixel ({row}, {col})", fontsize=9)
-    ax.axis("off")
+    _digit_panel(fig.add_subplot(left[0]), lab, row, col)
     _stencil(fig.add_subplot(left[1]), k[slot, component].numpy(), f"stencil ({lab.method}),\ncomponent {component}")
     G = lab.group
     _bars(fig.add_subplot(gs[0, 0]), c[slot, component].numpy(), f"coefficients c_a, field {slot}, component "
@@ -268,11 +272,7 @@ def trained_vs_initial_figure(lab: EPDOLab, row: int | None = None, col: int | N
     outer = fig.add_gridspec(2, 1, height_ratios=[0.75, 2.4], hspace=0.12, top=0.87, bottom=0.04)
     top = outer[0].subgridspec(1, 3, wspace=0.3)
     lower = outer[1].subgridspec(2, 1, hspace=0.45)
-    ax = fig.add_subplot(top[0])
-    ax.imshow(lab.x[0, 0].numpy(), cmap="gray")
-    ax.plot(col, row, "r+", ms=12, mew=2)
-    ax.set_title(f"digit, pixel ({row}, {col})", fontsize=9)
-    ax.axis("off")
+    _digit_panel(fig.add_subplot(top[0]), lab, row, col)
     maps = lower[0].subgridspec(1, 5, width_ratios=[1, 0.04, 0.14, 1, 0.04], wspace=0.08)
     for i, what in enumerate(("trained", "initial")):
         c, k = st[what], st[f"{what}_stencil"]

@@ -259,30 +259,32 @@ def _check_equivariance_error(fn):
     raise _Failed(f"for {names[i]} you measured {outs[i]:.4g}, the relative equivariance error is {truths[i]:.4g}")
 
 
+def _check_conv(ex, fn, layer, x, w, in_type, out_type, shapes):
+    """A conv exercise: ``fn(x, w)`` equals the kit ``layer`` given weights ``w``, and the instrument
+    measures ``fn`` equivariant (``in_type`` -> ``out_type``)."""
+    with torch.no_grad():
+        layer.weight.copy_(w.reshape(layer.weight.shape))
+        truth = layer(x)
+    _compare(ex, fn, [(x, w)], [truth], lambda a: shapes)
+    err = _instrument_error(fn, in_type, out_type, x, w)
+    return (f"equals kit.layers.{type(layer).__name__} with your weights; the instrument measures your function "
+            f"equivariant to {err:.1g} under every element of C4"), {"equivariance_error": err}
+
+
 def _check_lifting_conv(fn):
     from ..layers import LiftingConv
     x, w = _randn(2, 2, 9, 9, seed=4), _randn(3, 2, 3, 3, seed=5)
     layer = LiftingConv(group=C4, in_channels=2, out_fields=3, kernel_size=3, bias=False).double().eval()
-    with torch.no_grad():
-        layer.weight.copy_(w[:, :, None])
-        truth = layer(x)
-    _compare("2.1", fn, [(x, w)], [truth], lambda a: "x (2, 2, 9, 9), w (3, 2, 3, 3)")
-    err = _instrument_error(fn, FieldType(C4, "trivial", 2), FieldType(C4, "regular", 3), x, w)
-    return (f"equals kit.layers.LiftingConv with your weights; the instrument measures your function "
-            f"equivariant to {err:.1g} under every element of C4"), {"equivariance_error": err}
+    return _check_conv("2.1", fn, layer, x, w, FieldType(C4, "trivial", 2), FieldType(C4, "regular", 3),
+                       "x (2, 2, 9, 9), w (3, 2, 3, 3)")
 
 
 def _check_group_conv(fn):
     from ..layers import GroupConv
     x, w = _randn(2, 2, 4, 9, 9, seed=6), _randn(3, 2, 4, 3, 3, seed=7)
     layer = GroupConv(group=C4, in_fields=2, out_fields=3, kernel_size=3, bias=False).double().eval()
-    with torch.no_grad():
-        layer.weight.copy_(w)
-        truth = layer(x)
-    _compare("2.2", fn, [(x, w)], [truth], lambda a: "x (2, 2, 4, 9, 9), w (3, 2, 4, 3, 3)")
-    err = _instrument_error(fn, FieldType(C4, "regular", 2), FieldType(C4, "regular", 3), x, w)
-    return (f"equals kit.layers.GroupConv with your weights; the instrument measures your function "
-            f"equivariant to {err:.1g} under every element of C4"), {"equivariance_error": err}
+    return _check_conv("2.2", fn, layer, x, w, FieldType(C4, "regular", 2), FieldType(C4, "regular", 3),
+                       "x (2, 2, 4, 9, 9), w (3, 2, 4, 3, 3)")
 
 
 def _check_invariant_pool(fn):
