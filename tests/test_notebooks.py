@@ -1,10 +1,12 @@
 """Every notebook executes end to end with papermill in its quick profile and writes its figures;
 committed notebooks carry no outputs and have a tagged parameters cell."""
 import json
+from pathlib import Path
 
 import pytest
 
 from kit import models
+from kit.explore.viz import MIN_SCREEN_PT
 from kit.run.notebooks import execute, notebook_paths
 
 NOTEBOOKS = notebook_paths()
@@ -60,11 +62,15 @@ def test_committed_notebook_is_clean(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes_and_writes_figures(path, tmp_path):
+def test_notebook_executes_and_writes_legible_figures(path, tmp_path, monkeypatch):
+    """... and every figure it shows (viz.show, audited through KIT_FIGURE_AUDIT) keeps its smallest text
+    >= MIN_SCREEN_PT on screen at JupyterLab's default notebook width (a class can read it)."""
     need = NEEDS_WEIGHTS.get(path.name)
     if need and need not in models.list_models(pretrained=True):
         pytest.skip(f"{path.name} opens the trained {need} by default; its zoo weights are not in kit/weights yet "
                     f"(make zoo)")
+    audit = tmp_path / "figure_audit.jsonl"
+    monkeypatch.setenv("KIT_FIGURE_AUDIT", str(audit))
     out = execute(path, tmp_path / "runs", figures_dir=tmp_path / "figures",
                   parameters=TEST_PARAMETERS.get(path.name))
     nb = json.loads(out.read_text())
@@ -74,6 +80,12 @@ def test_notebook_executes_and_writes_figures(path, tmp_path):
     for name in EXPECTED_FIGURES.get(path.name, []):
         f = tmp_path / "figures" / name
         assert f.exists() and f.stat().st_size > 10_000, name
+    rows = [json.loads(line) for line in audit.read_text().splitlines()] if audit.exists() else []
+    shown = {Path(r["path"]).resolve().relative_to((tmp_path / "figures").resolve()).as_posix()
+             for r in rows if r["path"]}
+    assert set(EXPECTED_FIGURES.get(path.name, [])) <= shown, "every figure goes through viz.show"
+    small = [(Path(r["path"] or "-").name, r["min_pt"], r["text"]) for r in rows if r["min_pt"] < MIN_SCREEN_PT]
+    assert not small, f"text below {MIN_SCREEN_PT} pt at notebook width: {small}"
 
 
 def test_outputs_go_where_the_notebook_folder_says(tmp_path, monkeypatch):

@@ -621,9 +621,17 @@ def _color_key(r):
     return r["group"] if r["family"] in ("G-CNN", "escnn R2Conv") and r["kind"] == "layer" else r["name"]
 
 
+def _angle_step(results: list[dict]) -> str:
+    """The measured angle step(s), e.g. ``"5°"``, from the results' angle lists."""
+    steps = sorted({round(float(a[1]) - float(a[0]), 6) for r in results
+                    if len(a := r["equivariance"]["angles"]) > 1})
+    return ", ".join(f"{s:g}°" for s in steps) or "—"
+
+
 def error_figure(results: list[dict]):
     """Equivariance error vs rotation angle, 0-360 degrees: G-CNN layers beside escnn, the family
-    layers, and the models; dotted lines are each entry's interpolation floor."""
+    layers, and the models, one panel above the other (legend right of each); dotted lines are each
+    eqkit entry's interpolation floor. Sized for a notebook: 7.4 in wide, no text under 8 pt."""
     import matplotlib.pyplot as plt
 
     panels = [("G-CNN layers: eqkit (solid) vs escnn R2Conv (dashed)",
@@ -631,8 +639,8 @@ def error_figure(results: list[dict]):
               ("one layer per family (lift -> ReLU -> layer)",
                lambda r: r["kind"] == "layer" and r["library"] == "eqkit" and r["name"] not in
                ("p4m-gconv", "p8-gconv", "c16-gconv")),
-              ("models (logits; dotted: 4x supersampled-rotation floor)", lambda r: r["kind"] == "model")]
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), sharey=True)
+              ("models (logits; floor: 4x supersampled rotation)", lambda r: r["kind"] == "model")]
+    fig, axes = plt.subplots(3, 1, figsize=(7.4, 8.6), sharex=True, sharey=True, layout="constrained")
     cmap = plt.get_cmap("tab10")
     for ax, (title, keep) in zip(axes, panels):
         shown = list(filter(keep, results))
@@ -644,61 +652,79 @@ def error_figure(results: list[dict]):
             ax.semilogy(eq["angles"], err, color=c, label=f"{r['name']} ({r['group']})", **_style(r))
             if r["library"] == "eqkit":
                 ax.semilogy(eq["angles"], [max(f, 1e-9) for f in eq["floor"]], color=c, ls=":", lw=0.9)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("rotation (degrees, counter-clockwise)")
+        ax.set_title(title, fontsize=9)
         ax.set_xticks(range(0, 361, 45))
+        ax.set_xlim(0, 360)
+        ax.tick_params(labelsize=8)
         ax.axhline(1e-5, color="k", lw=0.6, alpha=0.5)
         ax.grid(alpha=0.3)
+        ax.set_ylabel("relative error", fontsize=9)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right", ncol=2)
-    axes[0].set_ylabel("relative equivariance error")
+            ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
+                      handlelength=1.8, labelspacing=0.3)
+        else:
+            ax.text(0.5, 0.5, "no entry measured", transform=ax.transAxes, ha="center", va="center", fontsize=9)
+    axes[-1].set_xlabel("rotation (degrees, counter-clockwise)", fontsize=9)
     dev = "; ".join(sorted({r["device"] for r in results}))
-    fig.suptitle(f"Equivariance error vs angle (5° steps; black line: 1e-5)  —  {dev}", fontsize=11)
-    fig.tight_layout()
+    fig.suptitle(f"Equivariance error vs angle ({_angle_step(results)} steps; dotted: interpolation floor; "
+                 f"black line: 1e-5)\n{dev}", fontsize=10)
     return fig
 
 
 def speed_figure(results: list[dict]):
-    """Throughput (forward, forward + backward) and peak memory per entry, layers and models."""
+    """Throughput (forward, forward + backward) and peak memory per entry, layers and models. Sized for
+    a notebook: 7.4 in wide, no text under 8 pt; escnn entries' names in red."""
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(2, 2, figsize=(15, 9), gridspec_kw={"width_ratios": [1.5, 1]})
-    for row, kind in enumerate(("layer", "model")):
-        rs = [r for r in results if r["kind"] == kind]
-        if not rs:
-            for ax in axes[row]:
-                ax.set_visible(False)
-            continue
+    kinds = [(k, [r for r in results if r["kind"] == k]) for k in ("layer", "model")]
+    kinds = [(k, rs) for k, rs in kinds if rs] or [("layer", [])]
+    ratios = [max(len(rs), 3) + 1.5 for _, rs in kinds]
+
+    def log_axis(ax, values, label):
+        """A log x axis from the decade below the smallest bar (so every bar has a visible base)."""
+        if values:
+            ax.set_xscale("log")
+            ax.set_xlim(10 ** math.floor(math.log10(min(values))), max(values) * 1.4)
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
+        ax.set_xlabel(label, fontsize=9)
+        ax.tick_params(which="both", labelsize=8)
+
+    fig, axes = plt.subplots(len(kinds), 2, figsize=(7.4, 0.24 * sum(ratios) + 1.4), squeeze=False,
+                             layout="constrained", gridspec_kw={"width_ratios": [1.45, 1], "height_ratios": ratios})
+    handles, labels = [], []
+    for row, (kind, rs) in enumerate(kinds):
         y = np.arange(len(rs))
         names = [f"{r['name']} ({r['group']})" for r in rs]
         ax = axes[row, 0]
-        ax.barh(y - 0.2, [r["throughput"]["fwd_img_s"] for r in rs], 0.4, label="forward (eval)")
-        ax.barh(y + 0.2, [r["throughput"]["train_img_s"] for r in rs], 0.4, label="forward + backward (train)")
+        fwd, train = [r["throughput"]["fwd_img_s"] for r in rs], [r["throughput"]["train_img_s"] for r in rs]
+        ax.barh(y - 0.2, fwd, 0.4, label="forward (eval)")
+        ax.barh(y + 0.2, train, 0.4, label="forward + backward (train)")
         ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_xlabel("images / s (log)")
-        ax.set_title(f"{kind}s: throughput, batch {rs[0]['throughput']['batch']}", fontsize=10)
+        log_axis(ax, fwd + train, "images / s (log)")
+        batch = f", batch {rs[0]['throughput']['batch']}" if rs else ""
+        ax.set_title(f"{kind}s: throughput{batch}", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
         for i, r in enumerate(rs):
             if r["library"] == "escnn":
                 ax.get_yticklabels()[i].set_color("tab:red")
+        if not handles:
+            handles, labels = ax.get_legend_handles_labels()
         ax = axes[row, 1]
-        ax.barh(y - 0.2, [r["throughput"]["fwd_peak_bytes"] / 2 ** 20 for r in rs], 0.4, label="forward")
-        ax.barh(y + 0.2, [r["throughput"]["train_peak_bytes"] / 2 ** 20 for r in rs], 0.4, label="forward + backward")
+        fwd = [r["throughput"]["fwd_peak_bytes"] / 2 ** 20 for r in rs]
+        train = [r["throughput"]["train_peak_bytes"] / 2 ** 20 for r in rs]
+        ax.barh(y - 0.2, fwd, 0.4, label="forward")
+        ax.barh(y + 0.2, train, 0.4, label="forward + backward")
         ax.set_yticks(y, [""] * len(rs))
         ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_xlabel("peak memory (MiB, log)")
-        ax.set_title(f"{kind}s: peak memory", fontsize=10)
+        log_axis(ax, fwd + train, "peak memory (MiB, log)")
+        ax.set_title(f"{kind}s: peak memory", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
     dev = "; ".join(sorted({r["device"] for r in results}))
-    fig.suptitle(f"Throughput and memory — {dev} (escnn entries in red)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    handles, labels = next(ax for ax in axes[:, 0] if ax.get_visible()).get_legend_handles_labels()
-    fig.legend(handles, labels,
-               loc="upper left", ncol=2, fontsize=9, frameon=False)     # above the bars, never on them
+    fig.suptitle(f"Throughput and memory (escnn entries in red)\n{dev}", fontsize=10)
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     return fig
 
 

@@ -457,13 +457,16 @@ def error_vs_angle_study(names=None, *, step: float = 5.0, digits: int = 8) -> d
 
 def error_vs_angle_figure(study: dict, *, ncols: int = 3):
     """One panel per zoo model: logit invariance error vs angle, trained (solid) beside its untrained
-    twin (dashed), with the interpolation floor of each (dotted); grid-exact angles marked."""
+    twin (dashed), with the interpolation floor of each (dotted); grid-exact angles marked. Sized for a
+    notebook (<= 7.5 in wide, no text under 8 pt); the panels of a row share their y axis."""
     import matplotlib.pyplot as plt
 
     from ..explore.viz import plot_error_vs_angle
     names = list(study)
+    ncols = max(1, min(ncols, len(names)))
     nrows = -(-len(names) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.0 * nrows), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(7.4, 1.95 * nrows + 1.1), squeeze=False, sharex=True,
+                             sharey=True, layout="constrained")
     for ax, n in zip(axes.flat, names):
         for key, style, col in (("trained", "-", "tab:blue"), ("initial", "--", "tab:orange")):
             plot_error_vs_angle(ax, study[n][key], label=key, color=col, style=style, ms=0, lw=1.5, floor_lw=1.1)
@@ -472,21 +475,24 @@ def error_vs_angle_figure(study: dict, *, ncols: int = 3):
             ax.axvline(e, color="0.85", lw=0.8, zorder=0)
         ax.set_yscale("log")
         ax.set_ylim(1e-9, 3)
+        ax.set_yticks([1e0, 1e-3, 1e-6, 1e-9])
         ax.set_xticks(range(0, 361, 90))
+        ax.set_xlim(0, 360)
         ax.grid(alpha=0.3, axis="y")
-        ax.set_title(n, fontsize=10)
-        ax.tick_params(labelsize=9)
+        ax.set_title(n, fontsize=9)
+        ax.tick_params(labelsize=8)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("relative logit error", fontsize=9)
-    for ax in axes[-1]:
+    last = {i % ncols: ax for i, ax in enumerate(axes.flat[:len(names)])}       # lowest panel of each column
+    for ax in last.values():
+        ax.xaxis.set_tick_params(labelbottom=True)
         ax.set_xlabel("rotation (degrees)", fontsize=9)
+    fig.supylabel("relative logit error", fontsize=9)
+    fig.get_layout_engine().set(wspace=0.05)
     h, l = axes.flat[0].get_legend_handles_labels()
-    fig.legend(h, l, loc="lower center", ncol=4, fontsize=9, frameon=False)
-    fig.suptitle("Invariance of the logits vs rotation angle: trained zoo models (blue) and their untrained twins "
-                 "(orange); grey lines: the group's elements (values < 1e-9 drawn at 1e-9)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    fig.legend(h, l, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.suptitle("Logit invariance vs rotation angle: trained zoo models (blue), untrained twins (orange)\n"
+                 "grey lines: the group's elements; values < 1e-9 drawn at 1e-9", fontsize=10)
     return fig
 
 
