@@ -82,7 +82,9 @@ def test_e4_trained_kernels_at_the_rotated_pixel_are_the_rotated_kernels(e4lab, 
     for q in range(1, G.n):
         k0, k1, pred = e4viz.rotated_kernels(e4lab, r, c, G.element(q))
         assert float((k1 - pred).abs().max()) <= TOL * float(k1.abs().max()), q
-        assert _rel(k1, k0) > 0.1                                           # not trivially equal
+        # not trivially equal: the rotation moves the kernels far beyond TOL (a trained kernel at a stroke
+        # pixel can be nearly symmetric under the rotation: 3 % measured on the 18-epoch e4-mnist-normal)
+        assert _rel(k1, k0) > 100 * TOL
 
 
 @needs(E4)
