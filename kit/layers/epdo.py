@@ -44,7 +44,9 @@ The Neural ePDO layer (``x: (B, z, d, H, W)``, ``|G|`` group order):
    per pixel (invariant under the exact grid symmetries, which permute those entries).
 4. dynamic depthwise 5x5 filtering of ``x``: the z fields form ``z / g`` contiguous partitions of
    ``g`` fields; field ``j`` of every partition, component ``c``, is filtered at pixel ``x`` with the
-   generated stencil ``K[j, c, :, x]`` (:func:`kit.kernels.aggregate.dynamic_aggregate`).
+   generated stencil ``K[j, c, :, x]``. Steps 2 (stencils from coefficients) to 4 run as one operator,
+   :func:`kit.kernels.pdo_filter.pdo_filter` (a fused C++ kernel on the CPU that never materialises
+   the stencils; the plain-PyTorch formulation is its reference in tests).
 5. output: equivariant 1x1 ``z fields of rho -> out_fields of rho_out`` (no bias).
 
 Parameters: ``z m d + 4 m + (m/s) g (d 15) + z z_out dim Hom(rho, rho_out)``, the public code's
@@ -69,8 +71,9 @@ from ..fields import FieldType
 from ..groups import Representation, cyclic, plane_coords
 from ..kernels.intertwiners import _VERSION, _cached, _gram_recombination, _layer_basis, intertwiner_basis
 from ..reps import MAX_ORDER, coefficient_rep, component_index, derivative_rep, field_rep, rep_key, tensor_rep
-from .base import EquivariantModule, KernelCache
+from .base import EquivariantModule, KernelCache, conv1x1
 from ..kernels.aggregate import dynamic_aggregate
+from ..kernels.pdo_filter import pdo_filter
 from .e4 import FieldGroupNorm
 from .registry import fields_for, register_family
 from ..kernels.stencils import METHODS, stencil_bank
@@ -196,7 +199,7 @@ class EquivariantConv1x1(KernelCache, EquivariantModule):
         return self.cached_kernel(build, self.weight)
 
     def _forward(self, x):                                               # (B, C_in, d_in, H, W)
-        y = F.conv2d(self.in_type.flatten(x), self.filter())             # (B, C_out*d_out, H, W)
+        y = conv1x1(self.in_type.flatten(x), self.filter())              # (B, C_out*d_out, H, W)
         return self.out_type.unflatten(y)                                # (B, C_out, d_out, H, W)
 
 
@@ -337,7 +340,7 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         h = self.hidden_features(x).flatten(1, 2)                              # (B, m*|G|, H, W)
         Bn, _, H, W = h.shape
         g, d = self.g, self.in_type.dim
-        c = F.conv2d(h, self.generator_weight(), groups=self.s)                # (B, g*d*15, H, W)
+        c = conv1x1(h, self.generator_weight(), groups=self.s)                 # (B, g*d*15, H, W)
         c = c.view(Bn, g, d, N_OPS, H * W)
         k = torch.matmul(self.stencils.T.to(c.dtype), c)                       # (B, g, d, 25, H*W)
         norm = torch.linalg.vector_norm(k, 1, dim=(2, 3), keepdim=True) + self.l1_eps   # (B, g, 1, 1, H*W)
@@ -370,14 +373,15 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         return self.in_type.channels * KERNEL_SIZE ** 2 * H * W
 
     def _forward(self, x):                                                       # (B, z, d, H, W)
-        # the L1 normalisation is a per-pixel scale shared by a stencil's d x 25 taps, so it is applied
-        # after the (linear) filtering, to the (B, z, d, H, W) output rather than to the g*25/z times
-        # larger stencils: the same operator, about 5 % of the layer's time saved
-        _, k, norm = self._raw_stencils(x)
+        # coefficients -> stencils -> L1 normalisation -> filtering as one operator
+        # (kit.kernels.pdo_filter: fused on the CPU; the stencils are never materialised)
+        self.in_type.check(x, f"{type(self).__name__} input")
+        h = self.hidden_features(x).flatten(1, 2)                              # (B, m*|G|, H, W)
         Bn, z, d, H, W = x.shape
         g = self.g
-        y = self.apply_stencils(x, k.view(Bn, g, d, KERNEL_SIZE ** 2, H, W))    # (B, z, d, H, W)
-        y = y.view(Bn, z // g, g, d, H, W) / norm.view(Bn, 1, g, 1, H, W)        # field p g + j: norm j
+        c = conv1x1(h, self.generator_weight(), groups=self.s)                 # (B, g*d*15, H, W)
+        y = pdo_filter(x.view(Bn, z // g, g, d, H, W), c.view(Bn, g, d, N_OPS, H, W),
+                       self.stencils, self.l1_eps)                             # (B, z/g, g, d, H, W)
         return self.expand(y.view(Bn, z, d, H, W))                               # (B, z_out, d_out, H, W)
 
     def extra_repr(self) -> str:

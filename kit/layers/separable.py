@@ -65,7 +65,7 @@ import torch.nn.functional as F
 
 from ..groups import plane_coords, rotate_image
 from ..lie import SE2, TWO_PI, LieGrid
-from .base import EquivariantModule, KernelCache
+from .base import EquivariantModule, KernelCache, conv1x1
 from .registry import fields_for, register_family
 
 __all__ = ["SIREN", "LieLiftingConv", "LieGroupConv",
@@ -281,7 +281,7 @@ class LieLiftingConv(_LieConv):
             y = F.conv2d(x, self.filters(), padding=self.padding)                   # (B, O*D, H', W')
         else:
             W, KR = self.filters()
-            u = F.conv2d(x, W[:, :, None, None])                                     # (B, O, H, W)
+            u = conv1x1(x, W[:, :, None, None])                                      # (B, O, H, W)
             y = _grouped_conv(u, KR, self.padding, O)                                  # (B, O*D, H', W')
         return self.out_type.unflatten(y)                                            # (B, O, D, H', W')
 
@@ -389,7 +389,7 @@ class LieGroupConv(_LieConv):
             y = F.conv2d(t.flatten(x), self.filters(), padding=self.padding)
         elif self.variant == "separable":
             KH, KR = self.filters()
-            u = F.conv2d(t.flatten(x), KH)                                            # (B, O*D, H, W)
+            u = conv1x1(t.flatten(x), KH)                                             # (B, O*D, H, W)
             y = _grouped_conv(u, KR, self.padding, O * self.grid.dim)                 # depthwise
         else:
             W, KD = self.filters()

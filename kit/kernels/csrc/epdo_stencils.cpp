@@ -1,0 +1,286 @@
+// eqkit: the fused per-pixel PDO of a Neural ePDO layer (He et al., ICLR 2023), forward and backward.
+//
+// For every image b, generated field j (of g), component c (of d) and pixel x the layer builds the 5x5
+// stencil k[t] = sum_a S[a, t] coef[b, j, c, a, x] of its order-<=4 operator, normalises it by the L1 norm
+// of the field's d x 25 stencil entries, and filters field p g + j of every partition p with it:
+//
+//   n[b, j, x]       = sum_{c, t} |k[b, j, c, t, x]| + eps
+//   y[b, p, j, c, x] = sum_t k[b, j, c, t, x] v[b, p, j, c, x + t] / n[b, j, x]          ("same" zero padding)
+//
+// What the plain-PyTorch path (kit/kernels/pdo_filter.py, kept as the reference in tests) materialises,
+// the stencils k (25/15 times the coefficients), their L1 norm and its sign for the backward, stays here
+// in per-task buffers of 25 x H (W + 4) values: one task per (b, j) reads its coefficients and its
+// partitions' planes once. Maps are held row-padded, so that each tap is one contiguous loop (see the
+// layouts below). S is applied through its non-zero entries only (70 of 375 for the fd stencils, 318 for
+// the Gaussian ones). float32 / float64; gradients equal the reference's to float64 round-off (tested).
+//
+// Backward, with gyn = gy / n and R = sum_{p, c} gy y (per b, j, x):
+//   dL/dk_t(x)      = sum_p gyn(x) v(x + t) - sign(k_t(x)) R(x) / n(x)
+//   dL/dcoef_a(x)   = sum_t S[a, t] dL/dk_t(x)
+//   dL/dv(x + t)   += k_t(x) gyn(x)
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <vector>
+
+namespace {
+
+struct Geo {
+  int64_t B, P, J, D, H, W, A, T, K, R, HW;
+  int64_t Wp, L, PL;                // padded row width W + 2R, row-padded plane H Wp, padded plane (H + 2R) Wp + 2R
+};
+
+struct Sparse {                     // the non-zero entries of S (A x T), grouped by tap
+  std::vector<int64_t> taps;        // the taps with at least one non-zero entry
+  std::vector<int64_t> off;         // their offsets in the padded plane: (di + R) Wp + (dj + R)
+  std::vector<int64_t> start;       // entries of taps[i]: [start[i], start[i + 1])
+  std::vector<int64_t> a;           // operator index of each entry
+  std::vector<double> s;            // its value
+};
+
+Geo geometry(const torch::Tensor& v, const torch::Tensor& coef, const torch::Tensor& S) {
+  TORCH_CHECK(v.dim() == 6 && coef.dim() == 6 && S.dim() == 2,
+              "eqkit epdo: v (B,P,g,d,H,W), coef (B,g,d,A,H,W) and S (A,T) expected");
+  TORCH_CHECK(v.is_contiguous() && coef.is_contiguous(), "eqkit epdo: contiguous v and coef expected");
+  Geo g;
+  g.B = v.size(0); g.P = v.size(1); g.J = v.size(2); g.D = v.size(3); g.H = v.size(4); g.W = v.size(5);
+  g.A = S.size(0); g.T = S.size(1); g.HW = g.H * g.W;
+  g.K = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(g.T))));
+  TORCH_CHECK(g.K * g.K == g.T && g.K % 2 == 1, "eqkit epdo: T must be an odd square");
+  g.R = g.K / 2;
+  g.Wp = g.W + 2 * g.R; g.L = g.H * g.Wp; g.PL = (g.H + 2 * g.R) * g.Wp + 2 * g.R;
+  TORCH_CHECK(coef.size(0) == g.B && coef.size(1) == g.J && coef.size(2) == g.D && coef.size(3) == g.A &&
+              coef.size(4) == g.H && coef.size(5) == g.W, "eqkit epdo: coef shape does not match v and S");
+  return g;
+}
+
+Sparse sparse_of(const torch::Tensor& S, const Geo& g) {
+  auto Sd = S.to(torch::kDouble).contiguous();
+  const double* p = Sd.data_ptr<double>();
+  Sparse sp;
+  for (int64_t t = 0; t < g.T; ++t) {
+    bool any = false;
+    for (int64_t a = 0; a < g.A; ++a) {
+      const double v = p[a * g.T + t];
+      if (v != 0.0) {
+        if (!any) {
+          sp.taps.push_back(t);
+          sp.off.push_back((t / g.K) * g.Wp + (t % g.K));
+          sp.start.push_back(static_cast<int64_t>(sp.a.size()));
+          any = true;
+        }
+        sp.a.push_back(a);
+        sp.s.push_back(v);
+      }
+    }
+  }
+  sp.start.push_back(static_cast<int64_t>(sp.a.size()));
+  return sp;
+}
+
+// Layouts inside a task. A map of H x W values is held "row-padded": L = H Wp values, value (h, w) at
+// h Wp + w, columns w >= W zero. An input plane is held zero-padded: PL values, value (h, w) at
+// (h + R) Wp + (w + R). Then tap t of output i = h Wp + w reads padded index i + off[t], and every tap
+// is one contiguous, vectorisable loop over the L values (no per-row bounds).
+template <typename scalar_t>
+void to_rows(const Geo& g, const scalar_t* src, scalar_t* dst) {            // (H, W) -> row-padded
+  for (int64_t h = 0; h < g.H; ++h) std::copy(src + h * g.W, src + (h + 1) * g.W, dst + h * g.Wp);
+}
+template <typename scalar_t>
+void from_rows(const Geo& g, const scalar_t* src, scalar_t* dst) {          // row-padded -> (H, W)
+  for (int64_t h = 0; h < g.H; ++h) std::copy(src + h * g.Wp, src + h * g.Wp + g.W, dst + h * g.W);
+}
+template <typename scalar_t>
+void to_padded(const Geo& g, const scalar_t* src, scalar_t* dst) {          // (H, W) -> zero-padded
+  for (int64_t h = 0; h < g.H; ++h)
+    std::copy(src + h * g.W, src + (h + 1) * g.W, dst + (h + g.R) * g.Wp + g.R);
+}
+template <typename scalar_t>
+void from_padded(const Geo& g, const scalar_t* src, scalar_t* dst) {        // zero-padded interior -> (H, W)
+  for (int64_t h = 0; h < g.H; ++h)
+    std::copy(src + (h + g.R) * g.Wp + g.R, src + (h + g.R) * g.Wp + g.R + g.W, dst + h * g.W);
+}
+
+// the active taps' stencils of one (b, j, c), row-padded: kbuf (T, L) from the row-padded coefficients
+template <typename scalar_t>
+void build_stencils(const Geo& g, const Sparse& sp, const scalar_t* cpad, scalar_t* kbuf) {
+  for (size_t i = 0; i < sp.taps.size(); ++i) {
+    scalar_t* __restrict__ kt = kbuf + sp.taps[i] * g.L;
+    const int64_t e0 = sp.start[i], e1 = sp.start[i + 1];
+    {
+      const scalar_t s = static_cast<scalar_t>(sp.s[e0]);
+      const scalar_t* __restrict__ ca = cpad + sp.a[e0] * g.L;
+      for (int64_t x = 0; x < g.L; ++x) kt[x] = s * ca[x];
+    }
+    for (int64_t e = e0 + 1; e < e1; ++e) {
+      const scalar_t s = static_cast<scalar_t>(sp.s[e]);
+      const scalar_t* __restrict__ ca = cpad + sp.a[e] * g.L;
+      for (int64_t x = 0; x < g.L; ++x) kt[x] += s * ca[x];
+    }
+  }
+}
+
+template <typename scalar_t>
+void load_coefficients(const Geo& g, const scalar_t* cf, scalar_t* cpad) {   // (A, H, W) -> (A, L)
+  for (int64_t a = 0; a < g.A; ++a) to_rows(g, cf + a * g.HW, cpad + a * g.L);
+}
+
+template <typename scalar_t>
+void forward_impl(const Geo& g, const Sparse& sp, const scalar_t* v, const scalar_t* coef, double eps,
+                  scalar_t* y, scalar_t* norm) {
+  at::parallel_for(0, g.B * g.J, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> kbuf(g.T * g.L, 0), cpad(g.A * g.L, 0), vpad(g.PL, 0), acc(g.L), nrm(g.L);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.J, j = task % g.J;
+      std::fill(nrm.begin(), nrm.end(), scalar_t(0));
+      for (int64_t c = 0; c < g.D; ++c) {
+        load_coefficients(g, coef + ((task * g.D + c) * g.A) * g.HW, cpad.data());
+        build_stencils(g, sp, cpad.data(), kbuf.data());
+        for (int64_t t : sp.taps) {
+          const scalar_t* __restrict__ kt = kbuf.data() + t * g.L;
+          scalar_t* __restrict__ n = nrm.data();
+          for (int64_t x = 0; x < g.L; ++x) n[x] += std::abs(kt[x]);
+        }
+        for (int64_t p = 0; p < g.P; ++p) {
+          const int64_t plane = (((b * g.P + p) * g.J + j) * g.D + c) * g.HW;
+          to_padded(g, v + plane, vpad.data());
+          scalar_t* __restrict__ ar = acc.data();
+          std::fill(acc.begin(), acc.end(), scalar_t(0));
+          for (size_t i = 0; i < sp.taps.size(); ++i) {
+            const scalar_t* __restrict__ kt = kbuf.data() + sp.taps[i] * g.L;
+            const scalar_t* __restrict__ vt = vpad.data() + sp.off[i];
+            for (int64_t x = 0; x < g.L; ++x) ar[x] += kt[x] * vt[x];
+          }
+          from_rows(g, acc.data(), y + plane);
+        }
+      }
+      scalar_t* __restrict__ nout = norm + task * g.HW;                      // (B, g, H, W)
+      for (int64_t h = 0; h < g.H; ++h)
+        for (int64_t w = 0; w < g.W; ++w) nout[h * g.W + w] = nrm[h * g.Wp + w] + static_cast<scalar_t>(eps);
+      for (int64_t p = 0; p < g.P; ++p)
+        for (int64_t c = 0; c < g.D; ++c) {
+          scalar_t* __restrict__ yp = y + (((b * g.P + p) * g.J + j) * g.D + c) * g.HW;
+          for (int64_t x = 0; x < g.HW; ++x) yp[x] /= nout[x];
+        }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const Geo& g, const Sparse& sp, const scalar_t* v, const scalar_t* coef,
+                   const scalar_t* norm, const scalar_t* y, const scalar_t* gy, scalar_t* gv, scalar_t* gc) {
+  at::parallel_for(0, g.B * g.J, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> kbuf(g.T * g.L, 0), cpad(g.A * g.L, 0), gcpad(g.A * g.L, 0), dk(g.L, 0);
+    std::vector<scalar_t> vpad(g.P * g.PL, 0), gvpad(g.P * g.PL, 0), gyn(g.P * g.L, 0), rn(g.HW), rnp(g.L, 0),
+        ninv(g.HW);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.J, j = task % g.J;
+      const scalar_t* __restrict__ nrm = norm + task * g.HW;
+      for (int64_t x = 0; x < g.HW; ++x) ninv[x] = scalar_t(1) / nrm[x];
+      if (gc) {                                  // rn = R / n = sum_{p, c} gy y / n
+        std::fill(rn.begin(), rn.end(), scalar_t(0));
+        for (int64_t p = 0; p < g.P; ++p)
+          for (int64_t c = 0; c < g.D; ++c) {
+            const int64_t plane = (((b * g.P + p) * g.J + j) * g.D + c) * g.HW;
+            const scalar_t* __restrict__ gr = gy + plane;
+            const scalar_t* __restrict__ yr = y + plane;
+            for (int64_t x = 0; x < g.HW; ++x) rn[x] += gr[x] * yr[x];
+          }
+        for (int64_t x = 0; x < g.HW; ++x) rn[x] *= ninv[x];
+        to_rows(g, rn.data(), rnp.data());
+      }
+      for (int64_t c = 0; c < g.D; ++c) {
+        load_coefficients(g, coef + ((task * g.D + c) * g.A) * g.HW, cpad.data());
+        build_stencils(g, sp, cpad.data(), kbuf.data());
+        for (int64_t p = 0; p < g.P; ++p) {      // gyn = gy / n (row-padded), the planes of v (zero-padded)
+          const int64_t plane = (((b * g.P + p) * g.J + j) * g.D + c) * g.HW;
+          scalar_t* __restrict__ q = gyn.data() + p * g.L;
+          const scalar_t* __restrict__ gr = gy + plane;
+          for (int64_t h = 0; h < g.H; ++h)
+            for (int64_t w = 0; w < g.W; ++w) q[h * g.Wp + w] = gr[h * g.W + w] * ninv[h * g.W + w];
+          if (gc) to_padded(g, v + plane, vpad.data() + p * g.PL);
+        }
+        if (gv) std::fill(gvpad.begin(), gvpad.end(), scalar_t(0));
+        if (gc) std::fill(gcpad.begin(), gcpad.end(), scalar_t(0));
+        for (size_t i = 0; i < sp.taps.size(); ++i) {
+          const scalar_t* __restrict__ kt = kbuf.data() + sp.taps[i] * g.L;
+          const int64_t off = sp.off[i];
+          scalar_t* __restrict__ d = dk.data();
+          if (gc) {                              // dk_t = -sign(k_t) R / n + sum_p gyn v(x + t)
+            const scalar_t* __restrict__ r = rnp.data();
+            for (int64_t x = 0; x < g.L; ++x)
+              d[x] = (static_cast<scalar_t>(kt[x] < 0) - static_cast<scalar_t>(kt[x] > 0)) * r[x];
+          }
+          for (int64_t p = 0; p < g.P; ++p) {      // and dv(x + t) += k_t(x) gyn(x)
+            const scalar_t* __restrict__ q = gyn.data() + p * g.L;
+            const scalar_t* __restrict__ vt = vpad.data() + p * g.PL + off;
+            scalar_t* __restrict__ gt = gvpad.data() + p * g.PL + off;
+            if (gc && gv) {
+              for (int64_t x = 0; x < g.L; ++x) { d[x] += q[x] * vt[x]; gt[x] += kt[x] * q[x]; }
+            } else if (gc) {
+              for (int64_t x = 0; x < g.L; ++x) d[x] += q[x] * vt[x];
+            } else {
+              for (int64_t x = 0; x < g.L; ++x) gt[x] += kt[x] * q[x];
+            }
+          }
+          if (gc)
+            for (int64_t e = sp.start[i]; e < sp.start[i + 1]; ++e) {   // dcoef_a += S[a, t] dk_t
+              const scalar_t s = static_cast<scalar_t>(sp.s[e]);
+              scalar_t* __restrict__ ga = gcpad.data() + sp.a[e] * g.L;
+              for (int64_t x = 0; x < g.L; ++x) ga[x] += s * d[x];
+            }
+        }
+        if (gc)
+          for (int64_t a = 0; a < g.A; ++a)
+            from_rows(g, gcpad.data() + a * g.L, gc + ((task * g.D + c) * g.A + a) * g.HW);
+        if (gv)
+          for (int64_t p = 0; p < g.P; ++p)
+            from_padded(g, gvpad.data() + p * g.PL, gv + (((b * g.P + p) * g.J + j) * g.D + c) * g.HW);
+      }
+    }
+  });
+}
+
+void check_inputs(const torch::Tensor& v, const torch::Tensor& coef) {
+  TORCH_CHECK(v.scalar_type() == coef.scalar_type(), "eqkit epdo: v and coef dtypes differ");
+  TORCH_CHECK(v.device().is_cpu() && coef.device().is_cpu(), "eqkit epdo: CPU tensors only");
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> epdo_forward(torch::Tensor v, torch::Tensor coef, torch::Tensor S, double eps) {
+  check_inputs(v, coef);
+  Geo g = geometry(v, coef, S);
+  Sparse sp = sparse_of(S, g);
+  auto y = torch::empty_like(v);
+  auto norm = torch::empty({g.B, g.J, g.H, g.W}, v.options());
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "eqkit_epdo_forward", [&] {
+    forward_impl<scalar_t>(g, sp, v.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(), eps, y.data_ptr<scalar_t>(),
+                           norm.data_ptr<scalar_t>());
+  });
+  return {y, norm};
+}
+
+std::vector<torch::Tensor> epdo_backward(torch::Tensor v, torch::Tensor coef, torch::Tensor S, torch::Tensor norm,
+                                         torch::Tensor y, torch::Tensor gy, bool need_v, bool need_coef) {
+  check_inputs(v, coef);
+  Geo g = geometry(v, coef, S);
+  Sparse sp = sparse_of(S, g);
+  gy = gy.contiguous();
+  y = y.contiguous();
+  norm = norm.contiguous();
+  torch::Tensor gv, gc;
+  if (need_v) gv = torch::empty_like(v);            // every plane written once
+  if (need_coef) gc = torch::empty_like(coef);
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "eqkit_epdo_backward", [&] {
+    backward_impl<scalar_t>(g, sp, v.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(),
+                            y.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
+                            need_v ? gv.data_ptr<scalar_t>() : nullptr, need_coef ? gc.data_ptr<scalar_t>() : nullptr);
+  });
+  return {gv, gc};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &epdo_forward, "fused Neural ePDO stencils: build, L1-normalise, filter (forward)");
+  m.def("backward", &epdo_backward, "fused Neural ePDO stencils (backward)");
+}

@@ -1,0 +1,138 @@
+"""The Neural-ePDO per-pixel PDO filter (:mod:`kit.kernels.pdo_filter`) and the CPU 1x1 convolution
+(:func:`kit.layers.base.conv1x1`), the two speed paths of issue 15, against their references:
+
+* the fused C++ filter equals the plain-PyTorch reference in float64 to 1e-12 (output and both
+  gradients; fd, gauss, rbffd and a dense custom bank; odd sizes, one partition, 1x1 maps), passes
+  gradcheck, and is what the layer runs on the CPU;
+* a Neural ePDO layer's output and every parameter gradient are the same through either path;
+* its training step at the benchmark size keeps at most half the reference's peak memory;
+* ``conv1x1`` is ``F.conv2d`` (groups, bias, small and large maps, strided inputs).
+"""
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kit.fields import FieldType
+from kit.groups import cyclic
+from kit.kernels import pdo_filter as PF
+from kit.layers import epdo as E
+from kit.layers.base import POINTWISE_MATMUL_MIN_PIXELS, conv1x1
+from kit.measure.timing import peak_memory
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def fused():
+    if PF.fused_pdo_extension() is None:
+        if shutil.which("c++") or shutil.which("g++"):
+            pytest.fail("a C++ compiler is here, the fused PDO filter must build")
+        pytest.skip("no C++ compiler: the layer uses the reference")
+    return PF.fused_pdo_extension()
+
+
+def _banks():
+    g = torch.Generator().manual_seed(3)
+    dense = torch.randn(15, 25, generator=g, dtype=torch.float64)
+    dense[dense.abs() < 0.3] = 0.0                                   # a few exact zeros, a few empty taps
+    dense[:, 7] = 0.0
+    return {m: E.pdo_stencil_matrix(m)[0] for m in E.METHODS} | {"custom": dense}
+
+
+SHAPES = [(2, 3, 2, 4, 7, 9), (1, 1, 1, 2, 1, 1), (3, 2, 4, 3, 5, 4), (1, 4, 2, 8, 14, 14)]
+
+
+@pytest.mark.parametrize("bank", ["fd", "gauss", "rbffd", "custom"])
+def test_fused_filter_equals_the_reference_in_float64(fused, bank):
+    S = _banks()[bank]
+    g = torch.Generator().manual_seed(0)
+    for shape in SHAPES:
+        B, P, J, D, H, W = shape
+        v = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+        c = torch.randn(B, J, D, 15, H, W, generator=g, dtype=torch.float64, requires_grad=True)
+        y, y0 = PF.pdo_filter(v, c, S, 0.01), PF.pdo_filter_reference(v, c, S, 0.01)
+        assert type(y.grad_fn).__name__.startswith("_FusedPDOFilter")
+        w = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        gr = torch.autograd.grad((y * w).sum(), (v, c))
+        gr0 = torch.autograd.grad((y0 * w).sum(), (v, c))
+        rel = lambda a, b: float((a - b).detach().norm() / b.detach().norm())
+        assert rel(y, y0) < 1e-12, (bank, shape)
+        assert rel(gr[0], gr0[0]) < 1e-12 and rel(gr[1], gr0[1]) < 1e-12, (bank, shape)
+        yf, yf0 = PF.pdo_filter(v.float(), c.float(), S, 0.01), PF.pdo_filter_reference(v.float(), c.float(), S, 0.01)
+        torch.testing.assert_close(yf, yf0, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_filter_gradcheck(fused):
+    S = _banks()["fd"]
+    g = torch.Generator().manual_seed(1)
+    v = torch.randn(1, 2, 2, 2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(1, 2, 2, 15, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v, c: PF.pdo_filter(v, c, S, 0.01), (v, c))
+
+
+def test_bad_shapes_are_named():
+    S = _banks()["fd"]
+    with pytest.raises(ValueError, match=r"v \(B, P, g, d, H, W\), coef \(B, g, d, A, H, W\)"):
+        PF.pdo_filter(torch.zeros(1, 2, 2, 3, 4, 4), torch.zeros(1, 2, 3, 14, 4, 4), S, 0.01)
+
+
+def _layer():
+    G = cyclic(8)
+    nl = E.NeuralEPDOConv(in_type=FieldType(G, "regular", 4), out_fields=3, g=2, s=2, method="fd").double()
+    with torch.no_grad():
+        for p in nl.parameters():
+            p.add_(0.3 * torch.randn_like(p))                  # away from init: no symmetric accident
+    return nl
+
+
+def test_layer_through_either_path_is_the_same(fused, monkeypatch):
+    nl = _layer()
+    x = torch.randn(2, 4, 8, 11, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for f in (PF.pdo_filter, PF.pdo_filter_reference):
+        monkeypatch.setattr(E, "pdo_filter", f)
+        nl.zero_grad()
+        y = nl(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)).sum().backward()
+        outs.append((y.detach(), [p.grad.clone() for p in nl.parameters()]))
+    (y, g), (y0, g0) = outs
+    assert float((y - y0).norm() / y0.norm()) < 1e-12
+    assert all(float((a - b).norm() / b.norm()) < 1e-12 for a, b in zip(g, g0))
+
+
+def test_layer_training_memory_is_at_most_half_the_reference(fused, monkeypatch):
+    """At the benchmark's size (16 images, 4 C16 fields = 64 channels, 28 x 28): the reference keeps the
+    stencils (25/15 the coefficients), their sign and the normalised output; the fused path does not."""
+    G = cyclic(16)
+    nl = E.NeuralEPDOConv(in_type=FieldType(G, "regular", 4), out_fields=4, g=4, s=4, method="fd")
+    x = torch.randn(16, 4, 16, 28, 28)
+
+    def step():
+        nl.zero_grad(set_to_none=True)
+        nl(x).square().mean().backward()
+    peaks = {}
+    for name, f in (("fused", PF.pdo_filter), ("reference", PF.pdo_filter_reference)):
+        monkeypatch.setattr(E, "pdo_filter", f)
+        step()
+        peaks[name] = peak_memory(step)
+    assert peaks["fused"] <= 0.5 * peaks["reference"], peaks
+
+
+@pytest.mark.parametrize("size,groups,bias", [(28, 1, False), (14, 2, True), (7, 1, True), (12, 4, False)])
+def test_conv1x1_is_conv2d(size, groups, bias):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 16, size, size + 1, generator=g, dtype=torch.float64).transpose(-1, -2)  # strided
+    w = torch.randn(24, 16 // groups, 1, 1, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(24, generator=g, dtype=torch.float64) if bias else None
+    x.requires_grad_()
+    y, y0 = conv1x1(x, w, b, groups=groups), F.conv2d(x, w, b, groups=groups)
+    assert y.shape == y0.shape
+    torch.testing.assert_close(y, y0, rtol=1e-12, atol=1e-12)
+    gy = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    for a, r in zip(torch.autograd.grad(y, (x, w), gy), torch.autograd.grad(y0, (x, w), gy)):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    matmul = size * (size + 1) >= POINTWISE_MATMUL_MIN_PIXELS
+    if b is None:                                            # the matmul on large maps, oneDNN on small ones
+        assert ("Convolution" in type(y.grad_fn).__name__) != matmul, type(y.grad_fn).__name__
