@@ -19,19 +19,20 @@ Two formulations, tested equal in float64 (``tests/test_epdo_fused.py``):
   fd), filters every partition with them and normalises; its backward recomputes the stencils.
   Keeps only ``v``, ``coef``, ``n`` and ``y`` (the output, which the next 1x1 conv keeps anyway).
 
-:func:`pdo_filter` is what the layer calls: the extension on the CPU, the reference elsewhere and
-under ``torch.compile``.
+:func:`pdo_filter` is what the layer calls: the extension on the CPU (eager and under
+``torch.compile``, as a custom operator), the reference elsewhere and inside :func:`kit.export`.
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+from torch import Tensor
 
-from .._compat import is_compiling
+from .. import _compat
 from .aggregate import build_extension, dynamic_aggregate
 
-__all__ = ["pdo_filter", "pdo_filter_reference", "fused_pdo_extension"]
+__all__ = ["pdo_filter", "pdo_filter_reference", "fused_pdo_extension", "fused_op"]
 
 
 def _check(v: torch.Tensor, coef: torch.Tensor, S: torch.Tensor):
@@ -61,30 +62,66 @@ def pdo_filter_reference(v: torch.Tensor, coef: torch.Tensor, S: torch.Tensor, e
     return y.transpose(1, 2).contiguous()                                        # (B, P, g, d, H, W)
 
 
-class _FusedPDOFilter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, v, coef, S, eps):
-        y, n = fused_pdo_extension().forward(v, coef, S, eps)
-        ctx.save_for_backward(v, coef, S, n, y)
-        return y
+_OP = None
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
+
+def fused_op():
+    """The extension as the custom operator ``eqkit::pdo_filter`` (with a fake kernel and an autograd
+    formula), so that ``torch.compile`` captures it whole (``fullgraph=True``) and a compiled model runs
+    the same kernel, with the same rounding, as the eager one; ``None`` without the extension. Defined
+    once, eagerly (the Neural ePDO layer asks for it when it is built: dynamo does not trace the build)."""
+    global _OP
+    if _OP is None and fused_pdo_extension() is not None:
+        _OP = _define_op()
+    return _OP
+
+
+def _define_op():
+    @torch.library.custom_op("eqkit::pdo_filter", mutates_args=())
+    def forward(v: Tensor, coef: Tensor, S: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        y, n = fused_pdo_extension().forward(v.contiguous(), coef.contiguous(), S.contiguous(), eps)
+        return y, n                                                   # (B, P, g, d, H, W), (B, g, H, W)
+
+    @forward.register_fake
+    def _(v, coef, S, eps):
+        B, P, g, d, H, W = v.shape
+        return v.new_empty(v.shape), v.new_empty((B, g, H, W))
+
+    @torch.library.custom_op("eqkit::pdo_filter_backward", mutates_args=())
+    def backward_op(v: Tensor, coef: Tensor, S: Tensor, n: Tensor, y: Tensor, gy: Tensor,
+                    need_v: bool, need_coef: bool) -> tuple[Tensor, Tensor]:
+        gv, gc = fused_pdo_extension().backward(v.contiguous(), coef.contiguous(), S.contiguous(), n, y, gy,
+                                                need_v, need_coef)
+        return (gv if need_v else v.new_zeros(())), (gc if need_coef else coef.new_zeros(()))
+
+    @backward_op.register_fake
+    def _(v, coef, S, n, y, gy, need_v, need_coef):
+        return (v.new_empty(v.shape) if need_v else v.new_empty(())), \
+            (coef.new_empty(coef.shape) if need_coef else coef.new_empty(()))
+
+    def setup_context(ctx, inputs, output):
+        v, coef, S, _ = inputs
+        y, n = output
+        ctx.save_for_backward(v, coef, S, n, y)
+        ctx.need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+
+    def backward(ctx, gy, _gn):                                      # n is internal: its gradient is unused
         v, coef, S, n, y = ctx.saved_tensors
-        gv, gc = fused_pdo_extension().backward(v, coef, S, n, y, gy, ctx.needs_input_grad[0],
-                                                ctx.needs_input_grad[1])
-        return (gv if ctx.needs_input_grad[0] else None, gc if ctx.needs_input_grad[1] else None, None, None)
+        gv, gc = backward_op(v, coef, S, n, y, gy.contiguous(), *ctx.need)
+        return (gv if ctx.need[0] else None), (gc if ctx.need[1] else None), None, None
+
+    forward.register_autograd(backward, setup_context=setup_context)
+    return forward
 
 
 def pdo_filter(v: torch.Tensor, coef: torch.Tensor, S: torch.Tensor, eps: float) -> torch.Tensor:
     """The normalised per-pixel PDO filter (module docstring): ``(B, P, g, d, H, W)``. The fused
-    extension on the CPU (float32 / float64, ``S`` a constant), else :func:`pdo_filter_reference`."""
-    if is_compiling():
-        return pdo_filter_reference(v, coef, S, eps)
+    extension on the CPU (float32 / float64, ``S`` a constant; also under ``torch.compile``, as the
+    custom operator ``eqkit::pdo_filter``), else :func:`pdo_filter_reference` (other devices, and while
+    :func:`kit.export` traces a model, whose program must need nothing from eqkit)."""
     _check(v, coef, S)
-    if (v.device.type == "cpu" and coef.device.type == "cpu" and v.dtype == coef.dtype
-            and v.dtype in (torch.float32, torch.float64) and not S.requires_grad
-            and fused_pdo_extension() is not None):
-        return _FusedPDOFilter.apply(v.contiguous(), coef.contiguous(), S.detach().to(v.dtype), float(eps))
+    op = _OP if _compat.is_compiling() else fused_op()
+    if (op is not None and not _compat.EXPORTING and v.device.type == "cpu" and coef.device.type == "cpu"
+            and v.dtype == coef.dtype and v.dtype in (torch.float32, torch.float64) and not S.requires_grad):
+        return op(v, coef, S.detach().to(v.dtype), float(eps))[0]
     return pdo_filter_reference(v, coef, S, eps)

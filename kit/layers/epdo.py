@@ -73,7 +73,7 @@ from ..kernels.intertwiners import _VERSION, _cached, _gram_recombination, _laye
 from ..reps import MAX_ORDER, coefficient_rep, component_index, derivative_rep, field_rep, rep_key, tensor_rep
 from .base import EquivariantModule, KernelCache, conv1x1
 from ..kernels.aggregate import dynamic_aggregate
-from ..kernels.pdo_filter import pdo_filter
+from ..kernels.pdo_filter import fused_op, pdo_filter
 from .e4 import FieldGroupNorm
 from .registry import fields_for, register_family
 from ..kernels.stencils import METHODS, stencil_bank
@@ -311,6 +311,7 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         # conv2: g output fields, m/s hidden fields per group, n basis coefficients: (m/s) g n
         self.gen_weight = nn.Parameter(torch.randn(g, m // s, n) * _kaiming_std(n, d * N_OPS, m // s))
         self.expand = EquivariantConv1x1(in_type, self.out_type)               # conv3: z z_out dim Hom
+        fused_op()                      # the fused PDO filter's operator, defined eagerly (torch.compile)
 
     # ------------------------------------------------------------------------- generator
     def generator_weight(self, *, kernels: bool = False) -> torch.Tensor:
