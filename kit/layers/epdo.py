@@ -334,15 +334,18 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         h = h * self.norm_scale[:, None, None, None] + self.norm_shift[:, None, None, None]
         return F.relu(h)
 
+    def _coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """The generator's PDO coefficients ``(B, g*d*15, H, W)`` (input type checked)."""
+        self.in_type.check(x, f"{type(self).__name__} input")
+        h = self.hidden_features(x).flatten(1, 2)                              # (B, m*|G|, H, W)
+        return conv1x1(h, self.generator_weight(), groups=self.s)              # (B, g*d*15, H, W)
+
     def _raw_stencils(self, x: torch.Tensor):
         """PDO coefficients ``(B, g, d, 15, HW)``, un-normalised stencils ``(B, g, d, 25, HW)`` and their
         L1 norms ``(B, g, 1, 1, HW)`` (``+ l1_eps``), each per pixel."""
-        self.in_type.check(x, f"{type(self).__name__}.generate input")
-        h = self.hidden_features(x).flatten(1, 2)                              # (B, m*|G|, H, W)
-        Bn, _, H, W = h.shape
-        g, d = self.g, self.in_type.dim
-        c = conv1x1(h, self.generator_weight(), groups=self.s)                 # (B, g*d*15, H, W)
-        c = c.view(Bn, g, d, N_OPS, H * W)
+        c = self._coefficients(x)                                               # (B, g*d*15, H, W)
+        Bn, _, H, W = c.shape
+        c = c.view(Bn, self.g, self.in_type.dim, N_OPS, H * W)
         k = torch.matmul(self.stencils.T.to(c.dtype), c)                       # (B, g, d, 25, H*W)
         norm = torch.linalg.vector_norm(k, 1, dim=(2, 3), keepdim=True) + self.l1_eps   # (B, g, 1, 1, H*W)
         return c, k, norm
@@ -376,11 +379,9 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
     def _forward(self, x):                                                       # (B, z, d, H, W)
         # coefficients -> stencils -> L1 normalisation -> filtering as one operator
         # (kit.kernels.pdo_filter: fused on the CPU; the stencils are never materialised)
-        self.in_type.check(x, f"{type(self).__name__} input")
-        h = self.hidden_features(x).flatten(1, 2)                              # (B, m*|G|, H, W)
+        c = self._coefficients(x)                                               # (B, g*d*15, H, W)
         Bn, z, d, H, W = x.shape
         g = self.g
-        c = conv1x1(h, self.generator_weight(), groups=self.s)                 # (B, g*d*15, H, W)
         y = pdo_filter(x.view(Bn, z // g, g, d, H, W), c.view(Bn, g, d, N_OPS, H, W),
                        self.stencils, self.l1_eps)                             # (B, z/g, g, d, H, W)
         return self.expand(y.view(Bn, z, d, H, W))                               # (B, z_out, d_out, H, W)
