@@ -83,6 +83,11 @@ def resolve_device(device="auto", *, local_rank: int = 0) -> torch.device:
 #: their traceable paths and read their eval-mode kernels as constants (:meth:`KernelCache.cached_kernel`)
 EXPORTING = False
 
+#: set by :func:`kit.kernels.reference_kernels`: every hot path takes its plain-PyTorch reference (the tap
+#: loop for dynamic aggregation, materialised stencils for the Neural-ePDO filter, oneDNN for 1x1 convs):
+#: the kit as it ran before its fused kernels, for before / after measurements and for debugging
+REFERENCE_KERNELS = False
+
 
 def is_compiling() -> bool:
     """True while ``torch.compile`` (dynamo) traces the calling code, or :func:`kit.models.export.export`

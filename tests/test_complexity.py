@@ -157,3 +157,11 @@ def test_step_profile_and_training_step_ratio():
     assert "**total per step**" in step_profile_markdown([p])
     r = training_step_ratio("cnn-mnist", "p4-mnist", batch=8, rounds=3)
     assert r["speed_ratio"] > 1.2, r
+
+
+def test_reference_speedup_from_the_command_line(capsys):
+    """``python -m kit bench --speedup``: the kit's kernels against ``reference_kernels()`` in one run."""
+    from kit.measure.bench import main
+    assert main(["--speedup", "nepdo-mnist-regular-fd-small", "--batch", "4", "--repeats", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| `nepdo-mnist-regular-fd-small` |" in out and "alternating the two sides" in out

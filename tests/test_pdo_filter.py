@@ -161,3 +161,44 @@ def test_compiled_layer_runs_the_same_kernel(fused):
     ge = torch.autograd.grad(y, list(nl.parameters()), gy)
     gc = torch.autograd.grad(yc, list(nl.parameters()), gy)
     assert all(float((a - b).norm() / b.norm()) < 1e-5 for a, b in zip(gc, ge))
+
+
+def test_reference_kernels_runs_every_reference_path_and_gives_the_same_model(fused, monkeypatch):
+    """``kit.kernels.reference_kernels()`` (what ``python -m kit bench --speedup`` measures against)
+    routes the Neural-ePDO filter, E4's aggregation and 1x1 convs to their plain-PyTorch references
+    (the fused kernels are never called inside it), the models' outputs stay the same in float64,
+    and the previous setting comes back on exit, also after an exception."""
+    import kit.models as M
+    from kit import _compat
+    from kit.kernels import aggregate as A
+    from kit.kernels import reference_kernels
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
+    nets = [M.create(n).double().eval() for n in ("nepdo-mnist-regular-fd-small", "e4-mnist-normal")]
+    fast = [m(x) for m in nets]
+
+    def refuse(*a, **k):
+        raise AssertionError("a fused kernel ran inside reference_kernels()")
+    monkeypatch.setattr(A._FusedAggregation, "apply", refuse)
+    monkeypatch.setattr(PF, "fused_op", lambda: type("Op", (), {"__call__": refuse})())
+    with reference_kernels():
+        assert _compat.REFERENCE_KERNELS
+        slow = [m(x) for m in nets]
+    assert not _compat.REFERENCE_KERNELS
+    for f, s in zip(fast, slow):
+        assert (f - s).abs().max().item() <= 1e-12 * f.abs().max().item()
+    with pytest.raises(ZeroDivisionError), reference_kernels():
+        1 / 0
+    assert not _compat.REFERENCE_KERNELS
+    for m in nets:                                                     # the guard itself bites outside
+        with pytest.raises(AssertionError, match="fused kernel ran"):
+            m(x)
+    import types
+    from kit.layers import base
+    calls = []
+    monkeypatch.setattr(base, "F", types.SimpleNamespace(conv2d=lambda *a, **k: calls.append(1) or F.conv2d(*a, **k)))
+    h, w = torch.randn(2, 6, 28, 28), torch.randn(4, 6, 1, 1)
+    y = conv1x1(h, w)                                                  # the matmul path
+    with reference_kernels():
+        assert torch.allclose(conv1x1(h, w), y, atol=1e-5)              # oneDNN
+    assert len(calls) == 1

@@ -1,3 +1,26 @@
 """Kernel machinery shared by the layer families: the intertwiner solver and its cache
 (:mod:`kit.kernels.intertwiners`). Depends on the core (:mod:`kit.groups`, :mod:`kit.reps`) only;
 the layers (:mod:`kit.layers`) build on it."""
+
+import contextlib
+
+from .. import _compat
+
+
+@contextlib.contextmanager
+def reference_kernels(enabled: bool = True):
+    """Within the block, run the plain-PyTorch reference of every fused kernel: the tap loop for
+    dynamic aggregation (E4, Neural ePDO), materialised and normalised stencils for the Neural-ePDO
+    filter, ``F.conv2d`` for 1x1 convolutions. The same operators (tested equal in float64), the
+    speed and memory the kit had before its fused kernels: what ``kit.measure.complexity.step_speedup``
+    measures against. Not thread-safe (a module flag); restores the previous setting on exit::
+
+        with kit.kernels.reference_kernels():
+            y_ref = model(x)
+    """
+    old = _compat.REFERENCE_KERNELS
+    _compat.REFERENCE_KERNELS = bool(enabled)
+    try:
+        yield
+    finally:
+        _compat.REFERENCE_KERNELS = old

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import _compat
 from .._compat import is_compiling
 
 def _cpu_tag() -> str:
@@ -200,12 +201,12 @@ def dynamic_aggregate(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
     ``v (B, C, G, H, W)``, ``kern (B, S, G, K*K, H, W)`` with ``S`` dividing ``C``: channel ``c`` of
     orientation ``g`` is filtered at pixel ``x`` with kernel ``kern[:, c // (C/S), g, :, x]`` (taps
     row-major over the KxK window centred on ``x``). Returns ``(B, C, G, H, W)``. On the CPU through the
-    fused C++ extension (:func:`fused_extension`), else by :func:`dynamic_aggregate_taps`; both keep
-    only ``v`` and ``kern`` for the backward.
+    fused C++ extension (:func:`fused_extension`), else (and under :func:`kit.kernels.reference_kernels`)
+    by :func:`dynamic_aggregate_taps`; both keep only ``v`` and ``kern`` for the backward.
     """
     if is_compiling():
         return dynamic_aggregate_functional(v, kern)
-    if (v.device.type == "cpu" and kern.device.type == "cpu" and v.dtype == kern.dtype
+    if (not _compat.REFERENCE_KERNELS and v.device.type == "cpu" and kern.device.type == "cpu" and v.dtype == kern.dtype
             and v.dtype in (torch.float32, torch.float64) and fused_extension() is not None):
         _shapes(v, kern)
         return _FusedAggregation.apply(v, kern)

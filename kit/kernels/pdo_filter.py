@@ -118,10 +118,11 @@ def pdo_filter(v: torch.Tensor, coef: torch.Tensor, S: torch.Tensor, eps: float)
     """The normalised per-pixel PDO filter (module docstring): ``(B, P, g, d, H, W)``. The fused
     extension on the CPU (float32 / float64, ``S`` a constant; also under ``torch.compile``, as the
     custom operator ``eqkit::pdo_filter``), else :func:`pdo_filter_reference` (other devices, and while
-    :func:`kit.export` traces a model, whose program must need nothing from eqkit)."""
+    :func:`kit.export` traces a model, whose program must need nothing from eqkit, and under
+    :func:`kit.kernels.reference_kernels`)."""
     _check(v, coef, S)
     op = _OP if _compat.is_compiling() else fused_op()
-    if (op is not None and not _compat.EXPORTING and v.device.type == "cpu" and coef.device.type == "cpu"
+    if (op is not None and not _compat.EXPORTING and not _compat.REFERENCE_KERNELS and v.device.type == "cpu" and coef.device.type == "cpu"
             and v.dtype == coef.dtype and v.dtype in (torch.float32, torch.float64) and not S.requires_grad):
         return op(v, coef, S.detach().to(v.dtype), float(eps))[0]
     return pdo_filter_reference(v, coef, S, eps)

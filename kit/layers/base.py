@@ -131,10 +131,11 @@ def conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     :data:`POINTWISE_MATMUL_MIN_PIXELS` pixels, as one batched matmul: with the few dozen channels of
     the kit's MNIST models oneDNN's 1x1 conv runs 2.7-3.3x slower forward + backward at 28x28
     (1 thread, batch 64; 1.1-2.1x at 14x14), and the equivariant 1x1 maps are a large share of E4's
-    and the Neural ePDOs' steps."""
+    and the Neural ePDOs' steps (:func:`kit.kernels.reference_kernels`: always ``F.conv2d``)."""
     B, C, H, W = x.shape
     O = weight.shape[0]
-    if x.device.type != "cpu" or H * W < POINTWISE_MATMUL_MIN_PIXELS or tuple(weight.shape[2:]) != (1, 1):
+    if (x.device.type != "cpu" or H * W < POINTWISE_MATMUL_MIN_PIXELS or tuple(weight.shape[2:]) != (1, 1)
+            or _compat.REFERENCE_KERNELS):
         return F.conv2d(x, weight, bias, groups=groups)
     y = torch.matmul(weight.view(groups, O // groups, C // groups),
                      x.reshape(B, groups, C // groups, H * W))                      # (B, groups, O/groups, HW)

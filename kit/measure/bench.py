@@ -742,7 +742,16 @@ def main(argv=None) -> int:
     p.add_argument("--list", action="store_true", help="list the entries and exit")
     p.add_argument("--compile", action="store_true",
                    help="also measure every entry under torch.compile (default settings): compiled columns")
+    p.add_argument("--speedup", default=None, metavar="MODEL[,MODEL...]",
+                   help="instead: time a training step of these registered models with the kit's fused kernels "
+                        "against kit.kernels.reference_kernels(), alternated in one run (batch --batch or 64)")
     a = p.parse_args(argv)
+    if a.speedup:
+        from .complexity import reference_speedup, reference_speedup_markdown
+        rows = [reference_speedup(n.strip(), batch=a.batch or 64, rounds=a.repeats, threads=a.threads)
+                for n in a.speedup.split(",") if n.strip()]
+        print(reference_speedup_markdown(rows))
+        return 0
     if a.list:
         for n, e in entries().items():
             print(f"{n:24s} {e.kind:6s} {e.library:6s} {e.family:16s} {e.description}")

@@ -50,7 +50,8 @@ from ..kernels.aggregate import dynamic_aggregate, dynamic_aggregate_unfold
 from ..layers.e4 import E4Conv
 from ..layers.gconv import GroupConv
 
-__all__ = ["step_profile", "step_profile_markdown", "training_step_ratio", "Cost", "count_macs", "aggregation_seen_by_counter", "cost_table", "cost_markdown", "cost_ratios",
+__all__ = ["step_profile", "step_profile_markdown", "training_step_ratio", "reference_speedup",
+           "reference_speedup_markdown", "Cost", "count_macs", "aggregation_seen_by_counter", "cost_table", "cost_markdown", "cost_ratios",
            "cost_figure", "CIFAR_MODELS", "MNIST_MODELS", "PAIRS", "time_forward_backward", "peak_memory",
            "memory_profile",
            "SpeedCase", "SPEED_CASES", "speed_comparison", "speed_markdown", "aggregation_comparison",
@@ -570,3 +571,46 @@ def training_step_ratio(a: str, b: str, *, batch: int = 64, rounds: int = 8, thr
     return {"a": a, "b": b, "batch": batch, "threads": torch.get_num_threads() if threads is None else threads,
             "speed_ratio": statistics.median(ratios), "a_img_s": batch / statistics.median(ta),
             "b_img_s": batch / statistics.median(tb), "ratios": ratios, "load": load_average()}
+
+
+def reference_speedup(name: str, *, batch: int = 64, rounds: int = 5, warmup: int = 1,
+                      threads: int | None = 1) -> dict:
+    """How much the fused kernels speed up one training step of registered model ``name``: the same
+    model and batch stepped with the kit's kernels and inside :func:`kit.kernels.reference_kernels`
+    (the plain-PyTorch paths the kit had before them: tap-loop aggregation, materialised Neural-ePDO
+    stencils, oneDNN 1x1 convs), alternated in one run. ``speedup`` is the median of the per-round
+    ratios reference time / kit time; ``min`` / ``max`` bound them. Command line:
+    ``python -m kit bench --speedup NAME[,NAME...] --threads 1``."""
+    from ..kernels import reference_kernels
+    from ..models import create
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        step = _train_step(create(name), batch)
+
+        def reference():
+            with reference_kernels():
+                step()
+        tk, tr = alternated(step, reference, rounds=rounds, warmup=warmup)
+        ratios = [r / k for k, r in zip(tk, tr)]
+    finally:
+        torch.set_num_threads(old)
+    return {"name": name, "batch": batch, "threads": torch.get_num_threads() if threads is None else threads,
+            "rounds": rounds, "kit_ms": 1e3 * statistics.median(tk), "reference_ms": 1e3 * statistics.median(tr),
+            "speedup": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "load": load_average()}
+
+
+def reference_speedup_markdown(rows: list[dict]) -> str:
+    """The rows of :func:`reference_speedup` as one table."""
+    lines = ["| model | training step, reference kernels | with the kit's kernels | speedup (median; min-max) |",
+             "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| `{r['name']}` | {r['reference_ms']:.0f} ms | {r['kit_ms']:.0f} ms "
+                     f"| **{r['speedup']:.2f}x** ({r['min']:.2f}-{r['max']:.2f}) |")
+    if rows:
+        r = rows[0]
+        lines += ["", f"Batch {r['batch']}, {r['threads']} thread(s), forward + backward + Adam, {r['rounds']} rounds "
+                      f"alternating the two sides in one process; {r['load']} at the end."]
+    return "\n".join(lines)
