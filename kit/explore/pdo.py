@@ -20,7 +20,6 @@ Every figure function returns a matplotlib figure (save it with :func:`kit.explo
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -33,6 +32,7 @@ from ..layers import EquivariantSequential, FieldReLU
 from ..layers.pdo import PDOGroupConv, PDOLiftingConv, refinement_study
 from ..kernels.stencils import DEFAULT_SIGMA, METHODS, stencil, stencil_bank
 from ..reps import component_index, component_name, components, substitution_matrix
+from ..measure.timing import torch_threads as _threads
 from .viz import plot_error_vs_angle
 
 __all__ = ["OPERATORS", "GALLERY_OPERATORS", "DEFAULT_SIGMA", "operator_coefficients", "operator_label",
@@ -48,16 +48,6 @@ _METHOD_COLORS = {"fd": "#1f77b4", "gauss": "#ff7f0e", "rbffd": "#2ca02c"}
 _GROUP_COLORS = {4: "#d62728", 6: "#9467bd", 8: "#1f77b4", 12: "#2ca02c", 16: "#8c564b"}
 
 
-@contextmanager
-def _threads(n: int | None):
-    """``torch.set_num_threads(n)`` for the block (restored afterwards); ``None`` leaves it alone."""
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 # --------------------------------------------------------------------------- operators

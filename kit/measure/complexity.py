@@ -45,7 +45,7 @@ from .. import models
 from ..groups import Group, cyclic, dihedral
 from ..layers.base import EquivariantModule
 from .._io import atomic_write_text
-from .timing import alternated, memory_profile, peak_memory, stats, timed
+from .timing import alternated, memory_profile, peak_memory, stats, timed, torch_threads
 from ..kernels.aggregate import dynamic_aggregate, dynamic_aggregate_unfold
 from ..layers.e4 import E4Conv
 from ..layers.gconv import GroupConv
@@ -392,11 +392,8 @@ def speed_comparison(cases=SPEED_CASES, *, repeats: int = 10, warmup: int = 2,
     load hits both alike; medians are reported. ``threads`` sets ``torch.set_num_threads`` for the
     measurement (restored afterwards). Each row records the threads and the load average.
     """
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
     rows = []
-    try:
+    with torch_threads(threads):
         for case in cases:
             e4, gc, x = _layers(case)
             shape = tuple(x.shape[1:])
@@ -414,8 +411,6 @@ def speed_comparison(cases=SPEED_CASES, *, repeats: int = 10, warmup: int = 2,
                          "params_ratio": ce.params / cg.params, "e4_macs": ce.macs, "gconv_macs": cg.macs,
                          "repeats": repeats, "threads": torch.get_num_threads(), "load": load_average(),
                          "device": "cpu"})
-    finally:
-        torch.set_num_threads(old)
     return rows
 
 
@@ -503,10 +498,7 @@ def step_profile(name: str, *, batch: int = 64, steps: int = 3, threads: int | N
     ``{"name", "batch", "threads", "ms_per_step", "rows": [{"category", "ms", "share"}]}``."""
     from torch.profiler import ProfilerActivity, profile
     from ..models import create
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         torch.manual_seed(0)
         step = _train_step(create(name), batch)
         for _ in range(2):
@@ -515,8 +507,6 @@ def step_profile(name: str, *, batch: int = 64, steps: int = 3, threads: int | N
             for _ in range(steps):
                 step()
         ops = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()]
-    finally:
-        torch.set_num_threads(old)
     total = sum(ms for _, ms in ops)
     cats = {c: 0.0 for c, _ in STEP_CATEGORIES}
     other = 0.0
@@ -558,16 +548,11 @@ def training_step_ratio(a: str, b: str, *, batch: int = 64, rounds: int = 8, thr
     """Images/s of registered model ``a``'s training step over ``b``'s, the two timed in alternation
     in one run (median of per-round ratios), as the issue's speed targets are stated."""
     from ..models import create
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         torch.manual_seed(0)
         sa, sb = _train_step(create(a), batch), _train_step(create(b), batch)
         ta, tb = alternated(sa, sb, rounds=rounds, warmup=2)
         ratios = [q / p for p, q in zip(ta, tb)]
-    finally:
-        torch.set_num_threads(old)
     return {"a": a, "b": b, "batch": batch, "threads": torch.get_num_threads() if threads is None else threads,
             "speed_ratio": statistics.median(ratios), "a_img_s": batch / statistics.median(ta),
             "b_img_s": batch / statistics.median(tb), "ratios": ratios, "load": load_average()}
@@ -583,10 +568,7 @@ def reference_speedup(name: str, *, batch: int = 64, rounds: int = 5, warmup: in
     ``python -m kit bench --speedup NAME[,NAME...] --threads 1``."""
     from ..kernels import reference_kernels
     from ..models import create
-    old = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         torch.manual_seed(0)
         step = _train_step(create(name), batch)
 
@@ -595,8 +577,6 @@ def reference_speedup(name: str, *, batch: int = 64, rounds: int = 5, warmup: in
                 step()
         tk, tr = alternated(step, reference, rounds=rounds, warmup=warmup)
         ratios = [r / k for k, r in zip(tk, tr)]
-    finally:
-        torch.set_num_threads(old)
     return {"name": name, "batch": batch, "threads": torch.get_num_threads() if threads is None else threads,
             "rounds": rounds, "kit_ms": 1e3 * statistics.median(tk), "reference_ms": 1e3 * statistics.median(tr),
             "speedup": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "load": load_average()}

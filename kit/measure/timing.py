@@ -23,7 +23,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["sync", "timed", "stats", "alternated", "peak_memory", "memory_profile", "RSSPeak", "quiet_stderr"]
+__all__ = ["sync", "timed", "stats", "alternated", "peak_memory", "memory_profile", "RSSPeak", "quiet_stderr",
+           "torch_threads"]
 
 
 def sync(device: torch.device | str | None = None) -> None:
@@ -103,6 +104,18 @@ def peak_memory(fn, *, device=None) -> int:
         return torch.cuda.max_memory_allocated(device) - base
     with quiet_stderr():                              # the profiler's C++ start/stop lines
         return memory_profile(fn)[0]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """``torch.set_num_threads(n)`` for the block (``None``: leave it), the previous setting restored after."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @contextlib.contextmanager
