@@ -199,19 +199,19 @@ def test_precision_trace_finds_a_cancelling_step():
     assert rows["down"]["growth"] > 100, rows                 # 1e3 - 1e3 cancels: ~1e3 x
 
 
-def test_neural_epdo_float32_error_grows_gradually_and_at_the_head_bn():
-    """The conditioning finding on the trained zoo model: no Neural ePDO step amplifies float32
-    round-off by more than 2.5x (a bilinear layer: the input's error enters the generated kernel and
-    the filtered values), and the one large step is the head's BatchNorm1d, which removes the
-    invariant features' large common offset (their spread across digits is a tenth of their size)."""
+def test_neural_epdo_float32_error_grows_gradually_on_the_trained_model():
+    """The conditioning finding on the trained zoo model: no step amplifies float32 round-off by more
+    than 2.5x (a Neural ePDO layer is bilinear: the input's error enters the generated kernel and the
+    filtered values), so the logits' float32 deviation from float64 stays near the inputs' own
+    (relative 1e-6, not the 1e-4 to 1e-2 of some random initialisations). The 6-epoch checkpoint had one
+    larger step, 10.8x at the head's BatchNorm1d (its invariant features then carried a large common
+    offset); the 16-epoch checkpoint's is 2.1x (docs/benchmark.md)."""
     from kit.equivariance import precision_trace
     m = models.create("nepdo-mnist-regular-fd-small", pretrained=True)
     rows = precision_trace(m)
     steps = [r for r in rows if r["name"].count(".") == 2 and r["name"].startswith("layers.")]
-    head_bn = next(r for r in rows if r["name"] == "layers.24.bn")
-    others = [r["growth"] for r in steps if r is not head_bn]
-    assert max(others) <= 2.5, [(r["name"], r["growth"]) for r in steps]
-    assert head_bn["growth"] >= 5, head_bn
+    assert len(steps) > 20 and any(r["name"] == "layers.24.bn" for r in steps)
+    assert max(r["growth"] for r in steps) <= 2.5, [(r["name"], r["growth"]) for r in steps]
     assert rows[-1]["rel"] <= 1e-5
 
 
