@@ -155,7 +155,7 @@ def test_step_profile_and_training_step_ratio():
     top = p["rows"][0]
     assert top["category"].startswith("convolutions") and top["share"] > 0.3, p["rows"]
     assert "**total per step**" in step_profile_markdown([p])
-    r = training_step_ratio("cnn-mnist", "p4-mnist", batch=8, rounds=3)
+    r = training_step_ratio("cnn-mnist", "p4-mnist", batch=8, rounds=3, threads=1)   # one core: robust to a busy neighbour
     assert r["speed_ratio"] > 1.2, r
 
 
