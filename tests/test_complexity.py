@@ -165,3 +165,55 @@ def test_reference_speedup_from_the_command_line(capsys):
     assert main(["--speedup", "nepdo-mnist-regular-fd-small", "--batch", "4", "--repeats", "1", "--threads", "1"]) == 0
     out = capsys.readouterr().out
     assert "| `nepdo-mnist-regular-fd-small` |" in out and "alternating the two sides" in out
+
+
+def test_generated_aggregation_equals_generate_then_aggregate():
+    """E4's kernels generated a few images at a time inside the aggregation (never held whole, recomputed
+    in the backward) against generating them all and running the tap-loop reference: float64 to 1e-12,
+    output and every gradient (features, generator weights, bias, encoder output), one chunk and many."""
+    from kit.kernels.aggregate import dynamic_aggregate_taps, fused_extension, generated_aggregate
+    if fused_extension() is None:
+        pytest.skip("no fused aggregation here: generated_aggregate is the plain generate-then-aggregate")
+    g = torch.Generator().manual_seed(3)
+    layer = E4Conv(group=dihedral(4), in_fields=3, out_fields=4, kernel_size=3, reduction=1,
+                   channels_per_slice=2).double()
+    x = torch.randn(5, 3, 8, 7, 6, generator=g, dtype=torch.float64)
+    h, w, b = (t.detach().requires_grad_() for t in layer.generator_inputs(x))
+    v = layer.encoder(x).detach().requires_grad_()
+    G, KK, S = 8, 9, layer.slices
+    k = torch.baddbmm(b, w, h).view(G, KK, S, 5, 7, 6).permute(3, 2, 0, 1, 4, 5)
+    y0 = dynamic_aggregate_taps(v, k)
+    gy = torch.randn(y0.shape, generator=g, dtype=torch.float64)
+    ref = torch.autograd.grad((y0 * gy).sum(), (v, h, w, b))
+    per_image = w.shape[1] * G * 7 * 6 * 8
+    for chunk in (10 ** 9, per_image, 2 * per_image):                  # 1, 5 and 3 chunks
+        y = generated_aggregate(v, h, w, b, kernel_size=3, chunk_bytes=chunk)
+        assert type(y.grad_fn).__name__.startswith("_GeneratedAggregation")
+        assert (y - y0).abs().max() < 1e-12
+        for a, r in zip(torch.autograd.grad((y * gy).sum(), (v, h, w, b)), ref):
+            assert (a - r).abs().max() < 1e-12 * max(1.0, r.abs().max().item())
+    assert (layer(x) - layer.aggregate(layer.encoder(x), layer.generate_kernels(x))).abs().max() < 1e-12
+    with pytest.raises(ValueError, match="generated_aggregate needs"):
+        generated_aggregate(v, h[:, :, :-1], w, b, kernel_size=3)
+
+
+def test_e4_layer_memory_within_twice_the_gconv():
+    """Issue 15: the E4 layer's training-step peak (bench size: 16 fields of C4, 28x28, batch 16, K=5) is
+    at most twice the p4 G-conv's at equal width (the allocator's events, in time order)."""
+    from kit.kernels.aggregate import fused_extension
+    from kit.measure.bench import KERNEL, SIZE, WIDTH, _field_input, entries
+    if fused_extension() is None:
+        pytest.skip("no fused aggregation: the plain path holds every generated kernel")
+    peaks = {}
+    for name in ("e4-conv", "p4-gconv"):
+        torch.manual_seed(0)
+        m, _ = entries()[name].build(WIDTH, KERNEL)
+        x = _field_input(m.in_type, 16, SIZE, "cpu", 0)
+        m.train()
+
+        def step():
+            m.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+        step()
+        peaks[name] = cx.peak_memory(step)
+    assert peaks["e4-conv"] <= 2 * peaks["p4-gconv"], peaks

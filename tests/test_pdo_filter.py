@@ -180,6 +180,7 @@ def test_reference_kernels_runs_every_reference_path_and_gives_the_same_model(fu
     def refuse(*a, **k):
         raise AssertionError("a fused kernel ran inside reference_kernels()")
     monkeypatch.setattr(A._FusedAggregation, "apply", refuse)
+    monkeypatch.setattr(A._GeneratedAggregation, "apply", refuse)
     monkeypatch.setattr(PF, "fused_op", lambda: type("Op", (), {"__call__": refuse})())
     with reference_kernels():
         assert _compat.REFERENCE_KERNELS

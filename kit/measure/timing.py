@@ -79,13 +79,30 @@ def alternated(a: Callable[[], object], b: Callable[[], object], *, rounds: int 
 def memory_profile(fn) -> tuple[int, int]:
     """``(peak, retained)``: the most bytes of CPU memory torch held while ``fn()`` ran, and what
     it still holds when ``fn`` returns (e.g. tensors saved for the backward), both above what was
-    live before: the running sum, in time order, of every profiler event's own allocations and frees."""
+    live before: the running sum of the allocator's own events (every allocation and free, with
+    its time stamp), in time order.
+
+    Where this torch does not expose the allocator events, the running sum of every profiler op's
+    own allocations and frees is used instead; that one books the frees of an op's temporaries at
+    the op's end, so it overstates the peak of ops that allocate and free inside (an
+    ``autograd.Function`` working in chunks)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    # allocations (+) and frees (-), each counted once (self), in time order: a leaf op allocates when
-    # it starts; what an enclosing op's own record holds (frees of its temporaries) happens when it ends
+    try:
+        events = [(e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    except (AttributeError, RuntimeError):             # pragma: no cover -- older / other builds
+        events = None
+    if events is not None:
+        live = peak = 0
+        for _, nbytes in sorted(events, key=lambda e: e[0]):
+            live += nbytes
+            peak = max(peak, live)
+        return peak, live
+    # pragma: no cover -- fallback: op-level bookkeeping; a leaf op allocates when it starts, what an
+    # enclosing op's own record holds (frees of its temporaries) happens when it ends
     live = peak = 0
     for e in sorted(prof.events(), key=lambda e: e.time_range.end if e.cpu_children else e.time_range.start):
         live += e.self_cpu_memory_usage
