@@ -5,7 +5,7 @@
 // One task per (b, s, g) plane: its K*K kernel planes and the C channel planes of its slice stay in
 // cache while every tap is applied, instead of 25 passes over whole tensors (the tap loop in
 // kit/layers/e4.py, kept as the reference). Forward and the two backward products, float32 and
-// float64; any strides except a contiguous last (W) axis. Same summation order as the tap loop.
+// float64; any strides except a contiguous last (W) axis. Same summation order as the tap loop (bit for bit).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -43,22 +43,29 @@ void planes(const Geo& g, F f) {
   });
 }
 
+// Loop order (tap, row, channel): one kernel row serves every channel of the slice while it is in L1, and the
+// slice's planes stay in L1 across the taps; the kernel gradient sums the channels in registers, 8 pixels at a
+// time. Every output element still sums its terms in the tap-loop reference's order (taps ascending for y and
+// gv, channels ascending for gk; out-of-image taps skipped), so the results are bit for bit the reference's.
+constexpr int kBlock = 8;
+
 template <typename scalar_t>
 void forward_impl(const Geo& g, const scalar_t* v, const scalar_t* k, scalar_t* y, int64_t yh) {
   planes(g, [&](int64_t b, int64_t s, int64_t gg) {
     const scalar_t* kp = k + b * g.kb + s * g.ks + gg * g.kg;
-    for (int64_t c = 0; c < g.C; ++c) {
-      const scalar_t* vp = v + b * g.vb + s * g.vs + c * g.vc + gg * g.vg;
-      scalar_t* yp = y + ((((b * g.S + s) * g.C + c) * g.G + gg) * g.H) * yh;
-      for (int64_t t = 0; t < g.T; ++t) {
-        const int64_t di = t / g.K - g.P, dj = t % g.K - g.P;
-        const int64_t h0 = std::max<int64_t>(0, -di), h1 = std::min<int64_t>(g.H, g.H - di);
-        const int64_t w0 = std::max<int64_t>(0, -dj), w1 = std::min<int64_t>(g.W, g.W - dj);
-        const scalar_t* kt = kp + t * g.kt;
-        for (int64_t h = h0; h < h1; ++h) {
-          const scalar_t* __restrict__ kr = kt + h * g.kh;
-          const scalar_t* __restrict__ vr = vp + (h + di) * g.vh + dj;
-          scalar_t* __restrict__ yr = yp + h * yh;
+    const scalar_t* v0 = v + b * g.vb + s * g.vs + gg * g.vg;
+    scalar_t* y0 = y + ((((b * g.S + s) * g.C) * g.G + gg) * g.H) * yh;
+    const int64_t ycs = g.G * g.H * yh;                  // channel stride of y (contiguous)
+    for (int64_t t = 0; t < g.T; ++t) {
+      const int64_t di = t / g.K - g.P, dj = t % g.K - g.P;
+      const int64_t h0 = std::max<int64_t>(0, -di), h1 = std::min<int64_t>(g.H, g.H - di);
+      const int64_t w0 = std::max<int64_t>(0, -dj), w1 = std::min<int64_t>(g.W, g.W - dj);
+      const scalar_t* kt = kp + t * g.kt;
+      for (int64_t h = h0; h < h1; ++h) {
+        const scalar_t* __restrict__ kr = kt + h * g.kh;
+        for (int64_t c = 0; c < g.C; ++c) {
+          const scalar_t* __restrict__ vr = v0 + c * g.vc + (h + di) * g.vh + dj;
+          scalar_t* __restrict__ yr = y0 + c * ycs + h * yh;
           for (int64_t w = w0; w < w1; ++w) yr[w] += kr[w] * vr[w];
         }
       }
@@ -72,25 +79,43 @@ void backward_impl(const Geo& g, const scalar_t* v, const scalar_t* k, const sca
   planes(g, [&](int64_t b, int64_t s, int64_t gg) {
     const scalar_t* kp = k + b * g.kb + s * g.ks + gg * g.kg;
     scalar_t* gkp = gk ? gk + b * g.kb + s * g.ks + gg * g.kg : nullptr;
-    for (int64_t c = 0; c < g.C; ++c) {
-      const scalar_t* vp = v + b * g.vb + s * g.vs + c * g.vc + gg * g.vg;
-      const scalar_t* gyp = gy + ((((b * g.S + s) * g.C + c) * g.G + gg) * g.H) * gyh;
-      scalar_t* gvp = gv ? gv + ((((b * g.S + s) * g.C + c) * g.G + gg) * g.H) * g.W : nullptr;
-      for (int64_t t = 0; t < g.T; ++t) {
-        const int64_t di = t / g.K - g.P, dj = t % g.K - g.P;
-        const int64_t h0 = std::max<int64_t>(0, -di), h1 = std::min<int64_t>(g.H, g.H - di);
-        const int64_t w0 = std::max<int64_t>(0, -dj), w1 = std::min<int64_t>(g.W, g.W - dj);
-        for (int64_t h = h0; h < h1; ++h) {
-          const scalar_t* __restrict__ gr = gyp + h * gyh;
-          if (gvp) {                 // grad_v(x + t) += k_t(x) gy(x)
-            const scalar_t* __restrict__ kr = kp + t * g.kt + h * g.kh;
-            scalar_t* __restrict__ gvr = gvp + (h + di) * g.W + dj;
+    const scalar_t* v0 = v + b * g.vb + s * g.vs + gg * g.vg;
+    const int64_t base = ((((b * g.S + s) * g.C) * g.G + gg) * g.H);
+    const scalar_t* gy0 = gy + base * gyh;
+    scalar_t* gv0 = gv ? gv + base * g.W : nullptr;
+    const int64_t gycs = g.G * g.H * gyh, gvcs = g.G * g.H * g.W;   // channel strides (contiguous)
+    for (int64_t t = 0; t < g.T; ++t) {
+      const int64_t di = t / g.K - g.P, dj = t % g.K - g.P;
+      const int64_t h0 = std::max<int64_t>(0, -di), h1 = std::min<int64_t>(g.H, g.H - di);
+      const int64_t w0 = std::max<int64_t>(0, -dj), w1 = std::min<int64_t>(g.W, g.W - dj);
+      for (int64_t h = h0; h < h1; ++h) {
+        const scalar_t* __restrict__ kr = kp + t * g.kt + h * g.kh;
+        if (gv0) {
+          for (int64_t c = 0; c < g.C; ++c) {   // grad_v(x + t) += k_t(x) gy(x)
+            const scalar_t* __restrict__ gr = gy0 + c * gycs + h * gyh;
+            scalar_t* __restrict__ gvr = gv0 + c * gvcs + (h + di) * g.W + dj;
             for (int64_t w = w0; w < w1; ++w) gvr[w] += kr[w] * gr[w];
           }
-          if (gkp) {                 // grad_k_t(x) += gy(x) v(x + t), summed over the slice's channels
-            const scalar_t* __restrict__ vr = vp + (h + di) * g.vh + dj;
-            scalar_t* __restrict__ gkr = gkp + t * g.kt + h * g.kh;
-            for (int64_t w = w0; w < w1; ++w) gkr[w] += gr[w] * vr[w];
+        }
+        if (gkp) {                   // grad_k_t(x) += sum over the slice's channels of gy(x) v(x + t)
+          scalar_t* __restrict__ gkr = gkp + t * g.kt + h * g.kh;
+          const scalar_t* __restrict__ gr0 = gy0 + h * gyh;
+          const scalar_t* __restrict__ vr0 = v0 + (h + di) * g.vh + dj;
+          int64_t w = w0;
+          for (; w + kBlock <= w1; w += kBlock) {
+            scalar_t acc[kBlock];
+            for (int i = 0; i < kBlock; ++i) acc[i] = gkr[w + i];
+            for (int64_t c = 0; c < g.C; ++c) {
+              const scalar_t* __restrict__ gr = gr0 + c * gycs + w;
+              const scalar_t* __restrict__ vr = vr0 + c * g.vc + w;
+              for (int i = 0; i < kBlock; ++i) acc[i] += gr[i] * vr[i];
+            }
+            for (int i = 0; i < kBlock; ++i) gkr[w + i] = acc[i];
+          }
+          for (; w < w1; ++w) {
+            scalar_t acc = gkr[w];
+            for (int64_t c = 0; c < g.C; ++c) acc += gr0[c * gycs + w] * vr0[c * g.vc + w];
+            gkr[w] = acc;
           }
         }
       }
