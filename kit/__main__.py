@@ -215,7 +215,7 @@ def _main(argv) -> int:
                     help="local process pool, or submitit (slurm cluster / submitit's local executor)")
     sp.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                     help="submitit/slurm option, e.g. --slurm partition=gpu --slurm gpus_per_node=1")
-    sp.add_argument("--only", default=None, help="glob of run names to run")
+    sp.add_argument("--only", default=None, help="glob(s) of run names to run, comma-separated")
     sp.add_argument("--threads", type=int, default=None, help="torch threads per run (default: cores / jobs)")
     sp.add_argument("--runs-dir", default=None, help="root folder of sweeps (default: runs/)")
     sp.add_argument("--dry-run", action="store_true", help="list the runs and their status, run and write nothing")
@@ -232,7 +232,7 @@ def _main(argv) -> int:
     zp = sub.add_parser("zoo", help="the trained zoo: export finished runs/zoo runs to kit/weights/, list, heldout")
     zp.add_argument("action", choices=["export", "list", "heldout"])
     zp.add_argument("--runs-dir", default=None, help="the zoo sweep folder (default: runs/zoo)")
-    zp.add_argument("--only", default="*", help="glob of run names to export")
+    zp.add_argument("--only", default="*", help="glob(s) of run names to export, comma-separated")
     zp.set_defaults(func=_zoo)
     dp = sub.add_parser("data", help="datasets: fetch raw MNIST ahead of use, list the dataset names")
     dp.add_argument("action", choices=["fetch", "list"])

@@ -67,3 +67,12 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256", *, chunk_siz
         for block in iter(lambda: fh.read(chunk_size), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def name_matches(name: str, pattern: str | None) -> bool:
+    """Whether ``name`` matches ``pattern``: a glob, or several comma-separated globs (``'p4*,e4-*'``);
+    ``None`` matches everything. The one rule behind every ``--only`` option (bench, sweep, zoo export)."""
+    import fnmatch
+    if pattern is None:
+        return True
+    return any(fnmatch.fnmatch(name, p.strip()) for p in pattern.split(",") if p.strip())

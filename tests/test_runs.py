@@ -119,3 +119,14 @@ def test_sweep_skips_finished_resumes_interrupted_reports_failures(tmp_path, cap
     (sw.dir / "cnn-mnist_s1" / "summary.json").write_text(json.dumps(summ))
     md = runs.report(sw.dir)["markdown"].read_text()
     assert "98.50" in md and "12,345" in md and "a paper" in md and "mnist-rot-rebuilt (rebuilt)" in md
+
+
+def test_only_takes_comma_separated_globs(tmp_path):
+    """Every ``--only`` (bench, sweep, zoo export) follows one rule: a glob or comma-separated globs."""
+    from kit._io import name_matches
+    assert name_matches("p4-mnist", "p4*,e4-*") and name_matches("e4-mnist-normal", "p4*, e4-*")
+    assert not name_matches("p4m-mnist", "p4-*,e4-*") and name_matches("x", None) and not name_matches("x", "")
+    spec = _spec(tmp_path, grid={"MODEL": ["cnn-mnist", "p4-mnist", "p4m-mnist"]})
+    lines = []
+    runs.run_sweep(spec, only="cnn-*,p4m-*", dry_run=True, runs_dir=tmp_path, log=lines.append)
+    assert [ln.split(":")[0].strip() for ln in lines[1:]] == ["cnn-mnist_s0", "p4m-mnist_s0"], lines

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import fnmatch
 import json
 import math
 import os
@@ -57,7 +56,7 @@ from ..groups import Group, cyclic, dihedral
 from ..layers.base import EquivariantModule, EquivariantSequential, FieldReLU
 from ..layers.registry import example_block, families, fields_for
 from .._compat import resolve_device
-from .._io import REPO_DIR, atomic_write_json, atomic_write_text
+from .._io import REPO_DIR, atomic_write_json, atomic_write_text, name_matches
 from .timing import alternated, peak_memory, sync, timed
 
 __all__ = ["Entry", "entries", "angles", "list_entries", "escnn_available", "EscnnBlock", "throughput",
@@ -217,9 +216,8 @@ def entries() -> dict[str, Entry]:
 
 def list_entries(pattern: str = "*", *, kind: str | None = None, library: str | None = None) -> list[str]:
     """Entry names matching a glob (comma-separated globs allowed), optionally one kind / library."""
-    pats = [p.strip() for p in pattern.split(",") if p.strip()]
     all_entries = entries()
-    names = [n for n, e in all_entries.items() if any(fnmatch.fnmatch(n, p) for p in pats)
+    names = [n for n, e in all_entries.items() if name_matches(n, pattern)
              and (kind is None or e.kind == kind) and (library is None or e.library == library)]
     if not names:
         raise ValueError(f"no benchmark entry matches {pattern!r}; entries: {', '.join(all_entries)}")

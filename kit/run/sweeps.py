@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._compat import require
-from .._io import REPO_DIR, atomic_write_json, atomic_write_text
+from .._io import REPO_DIR, atomic_write_json, atomic_write_text, name_matches
 from .train import CHECKPOINT_FILE, ERROR_FILE, PARAMS_FILE, RUN_FILE, SUMMARY_FILE
 
 __all__ = ["REPO", "Run", "Sweep", "load_spec", "notebook_parameters", "run_sweep", "execute_run", "report",
@@ -288,13 +288,13 @@ def run_sweep(spec, *, jobs: int = 1, executor: str = "local", only: str | None 
     unless ``THREADS`` is set). ``executor``: 'local', 'slurm' (submitit, options from the spec's
     ``slurm:`` section and ``slurm``) or 'submitit-local'. ``only``: a glob of run names.
     ``dry_run``: list the runs and their status, write nothing. ``set_params``: see :func:`load_spec`.
+    ``only`` may list several globs, comma-separated (:func:`kit._io.name_matches`).
     """
-    import fnmatch
 
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; valid executors: {', '.join(EXECUTORS)}")
     sw = spec if isinstance(spec, Sweep) else load_spec(spec, runs_dir=runs_dir, set_params=set_params)
-    runs = [r for r in sw.runs if only is None or fnmatch.fnmatch(r.name, only)]
+    runs = [r for r in sw.runs if name_matches(r.name, only)]
     for name, why in sw.skipped:
         log(f"  {name}: left out ({why}; optional run)")
     log(f"sweep {sw.name}: {len(runs)} run(s) -> {sw.dir} [{executor}, jobs={jobs}]" + (" (dry run)" if dry_run else ""))

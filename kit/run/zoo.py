@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._io import KIT_DIR, atomic_write, atomic_write_json, atomic_write_text, file_digest
+from .._io import KIT_DIR, atomic_write, atomic_write_json, atomic_write_text, file_digest, name_matches
 from .train import CHECKPOINT_FILE, PARAMS_FILE, SUMMARY_FILE
 from ..data import _atomic_savez as _savez
 from ..layers.base import EquivariantModule
@@ -340,12 +340,11 @@ def _family(card) -> str:
 
 def export_sweep(sweep_dir=None, *, only: str = "*", out_dir=None, log=print) -> list[dict]:
     """Export every finished run of the zoo sweep (``runs/zoo`` by default)."""
-    import fnmatch
     from .sweeps import REPO
     sd = Path(sweep_dir or REPO / "runs" / "zoo")
     if not sd.is_dir():
         raise FileNotFoundError(f"no zoo runs in {sd}; train them first: python -m kit sweep sweeps/zoo.yaml")
-    done = [p for p in sorted(sd.iterdir()) if (p / SUMMARY_FILE).is_file() and fnmatch.fnmatch(p.name, only)]
+    done = [p for p in sorted(sd.iterdir()) if (p / SUMMARY_FILE).is_file() and name_matches(p.name, only)]
     if not done:
         raise ValueError(f"no finished run in {sd} (matching {only!r}); see python -m kit sweep sweeps/zoo.yaml --dry-run")
     return [export_run(p, out_dir=out_dir, log=log) for p in done]
