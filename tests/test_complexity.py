@@ -181,7 +181,7 @@ def test_generated_aggregation_equals_generate_then_aggregate():
     h, w, b = (t.detach().requires_grad_() for t in layer.generator_inputs(x))
     v = layer.encoder(x).detach().requires_grad_()
     G, KK, S = 8, 9, layer.slices
-    k = torch.baddbmm(b, w, h).view(G, KK, S, 5, 7, 6).permute(3, 2, 0, 1, 4, 5)
+    k = torch.baddbmm(b, w, h).view(G, KK, S, 5, 7, 6).permute(3, 2, 0, 1, 4, 5)   # written out: checks kernel_layout
     y0 = dynamic_aggregate_taps(v, k)
     gy = torch.randn(y0.shape, generator=g, dtype=torch.float64)
     ref = torch.autograd.grad((y0 * gy).sum(), (v, h, w, b))

@@ -53,7 +53,7 @@ def _cpu_tag() -> str:
 EXTRA_CFLAGS = os.environ.get("EQKIT_CFLAGS", "-march=native -ffp-contract=off").split()
 
 __all__ = ["dynamic_aggregate", "dynamic_aggregate_taps", "dynamic_aggregate_functional",
-           "dynamic_aggregate_unfold", "generated_aggregate", "fused_extension", "build_extension"]
+           "dynamic_aggregate_unfold", "generated_aggregate", "kernel_layout", "fused_extension", "build_extension"]
 
 
 def _shapes(v: torch.Tensor, kern: torch.Tensor):
@@ -235,7 +235,7 @@ class _GeneratedAggregation(torch.autograd.Function):
             kern = _chunk_kernels(h, w, b, K, S, B, H, W, b0, b1)                   # (n, S, G, KK, H, W)
             gk = torch.zeros(G, KKS, n * HW, dtype=w.dtype) if need_k else None     # (G, KK*S, n*H*W)
             ext.backward_out(v6[b0:b1], kern, gy[b0:b1], gv[b0:b1] if need_v else None,
-                             gk.view(G, K * K, S, n, H, W).permute(3, 2, 0, 1, 4, 5) if need_k else None)
+                             kernel_layout(gk, K, S, H, W) if need_k else None)
             if need_h:                                                              # into gh's chunk, in place
                 _chunk_h(gh, B, HW, b0, b1).baddbmm_(wt, gk, beta=0)
             if need_w:
@@ -250,11 +250,17 @@ def _chunk_h(h, B, HW, b0, b1):
     return h.view(G, Ch, B, HW)[:, :, b0:b1].reshape(G, Ch, (b1 - b0) * HW)       # (G, Ch, n*H*W), a view
 
 
+def kernel_layout(k: torch.Tensor, K: int, S: int, H: int, W: int) -> torch.Tensor:
+    """The one layout of generated kernels: a ``(G, K*K*S, n*H*W)`` buffer (rows tap-major ``(t, s)``, as
+    :meth:`kit.layers.e4.E4Conv.generator_inputs` steers them) viewed as the ``(n, S, G, K*K, H, W)``
+    kernels :func:`dynamic_aggregate` takes; every tap is a block of whole ``H x W`` planes."""
+    G, _, N = k.shape
+    return k.view(G, K * K, S, N // (H * W), H, W).permute(3, 2, 0, 1, 4, 5)
+
+
 def _chunk_kernels(h, w, b, K, S, B, H, W, b0, b1):
     """Images ``b0:b1``'s kernels ``(n, S, G, K*K, H, W)``, a view of a ``(G, K*K, S, n, H, W)`` buffer."""
-    G = h.shape[0]
-    k = torch.baddbmm(b, w, _chunk_h(h, B, H * W, b0, b1))                        # (G, KK*S, n*H*W)
-    return k.view(G, K * K, S, b1 - b0, H, W).permute(3, 2, 0, 1, 4, 5)
+    return kernel_layout(torch.baddbmm(b, w, _chunk_h(h, B, H * W, b0, b1)), K, S, H, W)
 
 
 def generated_aggregate(v: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *, kernel_size: int,
@@ -278,7 +284,7 @@ def generated_aggregate(v: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: to
             or len({v.dtype, h.dtype, w.dtype, b.dtype}) != 1 or v.dtype not in (torch.float32, torch.float64)
             or fused_extension() is None):
         k = torch.baddbmm(b, w, h)                                                  # (G, KK*S, B*H*W)
-        return dynamic_aggregate(v, k.view(G, KK, S, B, H, W).permute(3, 2, 0, 1, 4, 5))
+        return dynamic_aggregate(v, kernel_layout(k, kernel_size, S, H, W))
     return _GeneratedAggregation.apply(v, h, w, b, kernel_size, int(chunk_bytes))
 
 

@@ -73,7 +73,7 @@ import torch.nn.functional as F
 
 from ..fields import FieldType
 from ..groups import Group, cyclic
-from ..kernels.aggregate import dynamic_aggregate, generated_aggregate
+from ..kernels.aggregate import dynamic_aggregate, generated_aggregate, kernel_layout
 from ..kernels.steering import steering_matrices
 from .base import EquivariantModule, KernelCache
 from .gconv import GroupConv, LiftingConv
@@ -234,10 +234,8 @@ class E4Conv(KernelCache, EquivariantModule):
         tap-loop aggregation reads fastest (an einsum would return pixels-outermost, taps-innermost).
         """
         h, w, b = self.generator_inputs(x)
-        G, KK, S = h.shape[0], self.kernel_size ** 2, self.slices
-        B, (H, W) = x.shape[0], x.shape[-2:]
         k = torch.baddbmm(b, w, h)                                                 # (G, KK*S, B*H*W)
-        return k.view(G, KK, S, B, H, W).permute(3, 2, 0, 1, 4, 5)                 # (B, S, G, KK, H, W)
+        return kernel_layout(k, self.kernel_size, self.slices, *x.shape[-2:])     # (B, S, G, KK, H, W)
 
     def _forward(self, x):                                                         # (B, C_in, G, H, W)
         h, w, b = self.generator_inputs(x)                                         # kernels = b + w @ h
