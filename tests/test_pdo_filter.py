@@ -165,7 +165,8 @@ def test_compiled_layer_runs_the_same_kernel(fused):
 
 def test_reference_kernels_runs_every_reference_path_and_gives_the_same_model(fused, monkeypatch):
     """``kit.kernels.reference_kernels()`` (what ``python -m kit bench --speedup`` measures against)
-    routes the Neural-ePDO filter, E4's aggregation and 1x1 convs to their plain-PyTorch references
+    routes the Neural-ePDO filter, E4's aggregation and 1x1 convs (dense, not in the isotypic bases) to
+    their plain-PyTorch references
     (the fused kernels are never called inside it), the models' outputs stay the same in float64,
     and the previous setting comes back on exit, also after an exception."""
     import kit.models as M
@@ -174,7 +175,8 @@ def test_reference_kernels_runs_every_reference_path_and_gives_the_same_model(fu
     from kit.kernels import reference_kernels
     torch.manual_seed(0)
     x = torch.rand(2, 1, 28, 28, dtype=torch.float64)
-    nets = [M.create(n).double().eval() for n in ("nepdo-mnist-regular-fd-small", "e4-mnist-normal")]
+    nets = [M.create(n).double().eval() for n in ("nepdo-mnist-regular-fd-small", "e4-mnist-normal",
+                                                   "nepdo-mnist-regular-fd")]     # paper width: isotypic 1x1s
     fast = [m(x) for m in nets]
 
     def refuse(*a, **k):
@@ -182,6 +184,10 @@ def test_reference_kernels_runs_every_reference_path_and_gives_the_same_model(fu
     monkeypatch.setattr(A._FusedAggregation, "apply", refuse)
     monkeypatch.setattr(A._GeneratedAggregation, "apply", refuse)
     monkeypatch.setattr(PF, "fused_op", lambda: type("Op", (), {"__call__": refuse})())
+    from kit.kernels import isotypic
+    assert any(m.uses_isotypic(torch.zeros(1, m.in_type.n_fields, m.in_type.dim, 14, 14))
+               for m in nets[2].modules() if isinstance(m, E.EquivariantConv1x1))   # the model has wide maps
+    monkeypatch.setattr(isotypic, "isotypic_conv1x1", refuse)
     with reference_kernels():
         assert _compat.REFERENCE_KERNELS
         slow = [m(x) for m in nets]

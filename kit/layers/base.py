@@ -98,7 +98,9 @@ class KernelCache:
 
     _kernel_cache = None
 
-    def cached_kernel(self, build, *sources: torch.Tensor):
+    def cached_kernel(self, build, *sources: torch.Tensor, tag: str = ""):
+        """``build()``, cached in eval mode under ``tag`` (a layer that builds two different kernels from the
+        same parameters names them apart; one slot, so alternating tags rebuild, never mix)."""
         # kit.export: the kernel built (eagerly, before tracing) from the weights is baked in as a constant
         if _compat.EXPORTING and self._kernel_cache is not None:
             return self._kernel_cache[1]
@@ -107,7 +109,7 @@ class KernelCache:
         if is_compiling() or self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
             self._kernel_cache = None
             return build()
-        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        key = (tag, *((t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
         if self._kernel_cache is None or self._kernel_cache[0] != key:
             self._kernel_cache = (key, build())
         return self._kernel_cache[1]
