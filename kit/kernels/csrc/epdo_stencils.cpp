@@ -16,7 +16,7 @@
 //
 // Backward, with gyn = gy / n and R = sum_{p, c} gy y (per b, j, x):
 //   dL/dk_t(x)      = sum_p gyn(x) v(x + t) - sign(k_t(x)) R(x) / n(x)
-//   dL/dcoef_a(x)   = sum_t S[a, t] dL/dk_t(x)
+//   dL/dcoef_a(x)   = sum_t S[a, t] dL/dk_t(x)             (after every tap's dL/dk_t, chunk by chunk)
 //   dL/dv(x + t)   += k_t(x) gyn(x)
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -25,9 +25,12 @@
 
 namespace {
 
+constexpr int64_t kChunkAlign = 64;  // row-padded maps hold a multiple of this many values (see build_stencils)
+
 struct Geo {
   int64_t B, P, J, D, H, W, A, T, K, R, HW;
-  int64_t Wp, L, PL;                // padded row width W + 2R, row-padded plane H Wp, padded plane (H + 2R) Wp + 2R
+  int64_t Wp, L, PL;   // padded row width W + 2R; row-padded map H Wp rounded up to kChunkAlign values;
+                       // zero-padded plane (H + 2R) Wp + 2R plus the same rounding
 };
 
 struct Sparse {                     // the non-zero entries of S (A x T), grouped by tap
@@ -36,6 +39,9 @@ struct Sparse {                     // the non-zero entries of S (A x T), groupe
   std::vector<int64_t> start;       // entries of taps[i]: [start[i], start[i + 1])
   std::vector<int64_t> a;           // operator index of each entry
   std::vector<double> s;            // its value
+  std::vector<int64_t> astart;      // the same entries by operator: those of a are [astart[a], astart[a + 1]) of
+  std::vector<int64_t> atap;        // atap (tap index i into taps) and as (value), taps ascending
+  std::vector<double> as;
 };
 
 Geo geometry(const torch::Tensor& v, const torch::Tensor& coef, const torch::Tensor& S) {
@@ -48,7 +54,9 @@ Geo geometry(const torch::Tensor& v, const torch::Tensor& coef, const torch::Ten
   g.K = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(g.T))));
   TORCH_CHECK(g.K * g.K == g.T && g.K % 2 == 1, "eqkit epdo: T must be an odd square");
   g.R = g.K / 2;
-  g.Wp = g.W + 2 * g.R; g.L = g.H * g.Wp; g.PL = (g.H + 2 * g.R) * g.Wp + 2 * g.R;
+  g.Wp = g.W + 2 * g.R;
+  g.L = (g.H * g.Wp + kChunkAlign - 1) / kChunkAlign * kChunkAlign;   // whole chunks (the tail stays zero)
+  g.PL = (g.H + 2 * g.R) * g.Wp + 2 * g.R + (g.L - g.H * g.Wp);
   TORCH_CHECK(coef.size(0) == g.B && coef.size(1) == g.J && coef.size(2) == g.D && coef.size(3) == g.A &&
               coef.size(4) == g.H && coef.size(5) == g.W, "eqkit epdo: coef shape does not match v and S");
   return g;
@@ -75,6 +83,13 @@ Sparse sparse_of(const torch::Tensor& S, const Geo& g) {
     }
   }
   sp.start.push_back(static_cast<int64_t>(sp.a.size()));
+  for (int64_t a = 0; a < g.A; ++a) {
+    sp.astart.push_back(static_cast<int64_t>(sp.atap.size()));
+    for (size_t i = 0; i < sp.taps.size(); ++i)
+      for (int64_t e = sp.start[i]; e < sp.start[i + 1]; ++e)
+        if (sp.a[e] == a) { sp.atap.push_back(static_cast<int64_t>(i)); sp.as.push_back(sp.s[e]); }
+  }
+  sp.astart.push_back(static_cast<int64_t>(sp.atap.size()));
   return sp;
 }
 
@@ -101,21 +116,112 @@ void from_padded(const Geo& g, const scalar_t* src, scalar_t* dst) {        // z
     std::copy(src + (h + g.R) * g.Wp + g.R, src + (h + g.R) * g.Wp + g.R + g.W, dst + h * g.W);
 }
 
+// Pixel chunks: the stencil build (k = S^T c) and the coefficient gradient (dc = S dk) are small dense
+// products per pixel. Run chunk by chunk (CHUNK values of every operand stay in L1 while all taps / all
+// operators are summed in a local accumulator, written once) rather than one pass over the map per non-zero
+// entry of S, which re-reads and re-writes a 25 x L buffer from L2 (318 passes for the Gaussian stencils).
+// Same terms, same order per output value as the per-entry passes.
+// NV vectors of 64 bytes (16 floats / 8 doubles) per chunk, held in registers (GCC vector extensions);
+// kChunkAlign is a multiple of every chunk (64 floats, 32 doubles), so maps hold whole chunks.
+constexpr int NV = 4;
+template <typename scalar_t>
+struct Vec { typedef scalar_t type __attribute__((vector_size(64))); };
+template <typename scalar_t>
+constexpr int64_t lanes() { return 64 / sizeof(scalar_t); }
+template <typename scalar_t>
+inline typename Vec<scalar_t>::type vload(const scalar_t* p) {
+  typename Vec<scalar_t>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename scalar_t>
+inline void vstore(scalar_t* p, typename Vec<scalar_t>::type v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// out[r][x0 + x] = sum_e val[e] in[idx[e]][x0 + x] over the entries [e0, e1) (in the given order), for
+// x < lanes * NV: one row of the products k = S^T c (rows taps) or dc = S dk (rows operators)
+template <typename scalar_t>
+inline void combine_chunk(const int64_t* idx, const double* val, int64_t e0, int64_t e1, const scalar_t* in,
+                          int64_t L, int64_t x0, scalar_t* out) {
+  typedef typename Vec<scalar_t>::type vec;
+  constexpr int64_t VL = lanes<scalar_t>();
+  vec acc[NV];
+  if (e0 == e1) {
+    for (int u = 0; u < NV; ++u) acc[u] = vec{} ;
+  } else {
+    const scalar_t s = static_cast<scalar_t>(val[e0]);
+    const scalar_t* p = in + idx[e0] * L + x0;
+    for (int u = 0; u < NV; ++u) acc[u] = s * vload(p + u * VL);
+    for (int64_t e = e0 + 1; e < e1; ++e) {
+      const scalar_t s2 = static_cast<scalar_t>(val[e]);
+      const scalar_t* q = in + idx[e] * L + x0;
+      for (int u = 0; u < NV; ++u) acc[u] += s2 * vload(q + u * VL);
+    }
+  }
+  for (int u = 0; u < NV; ++u) vstore(out + x0 + u * VL, acc[u]);
+}
 // the active taps' stencils of one (b, j, c), row-padded: kbuf (T, L) from the row-padded coefficients
 template <typename scalar_t>
 void build_stencils(const Geo& g, const Sparse& sp, const scalar_t* cpad, scalar_t* kbuf) {
-  for (size_t i = 0; i < sp.taps.size(); ++i) {
-    scalar_t* __restrict__ kt = kbuf + sp.taps[i] * g.L;
-    const int64_t e0 = sp.start[i], e1 = sp.start[i + 1];
-    {
-      const scalar_t s = static_cast<scalar_t>(sp.s[e0]);
-      const scalar_t* __restrict__ ca = cpad + sp.a[e0] * g.L;
-      for (int64_t x = 0; x < g.L; ++x) kt[x] = s * ca[x];
+  for (int64_t x0 = 0; x0 < g.L; x0 += NV * lanes<scalar_t>())        // g.L: whole chunks
+    for (size_t i = 0; i < sp.taps.size(); ++i)
+      combine_chunk(sp.a.data(), sp.s.data(), sp.start[i], sp.start[i + 1], cpad, g.L, x0, kbuf + sp.taps[i] * g.L);
+}
+
+// dcoef_a = sum_t S[a, t] dk_t for every operator, row-padded: gcpad (A, L) from dkbuf (taps, L)
+template <typename scalar_t>
+void coefficient_gradient(const Geo& g, const Sparse& sp, const scalar_t* dkbuf, scalar_t* gcpad) {
+  for (int64_t x0 = 0; x0 < g.L; x0 += NV * lanes<scalar_t>())
+    for (int64_t a = 0; a < g.A; ++a)
+      combine_chunk(sp.atap.data(), sp.as.data(), sp.astart[a], sp.astart[a + 1], dkbuf, g.L, x0, gcpad + a * g.L);
+}
+
+// y = sum_t k_t v(x + t) of one partition plane (row-padded out), chunk by chunk: the sum over the taps stays
+// in registers (same order as a tap-by-tap accumulation: from zero, taps ascending)
+template <typename scalar_t>
+void filter_taps(const Geo& g, const Sparse& sp, const scalar_t* kbuf, const scalar_t* vpad, scalar_t* out) {
+  typedef typename Vec<scalar_t>::type vec;
+  constexpr int64_t VL = lanes<scalar_t>();
+  for (int64_t x0 = 0; x0 < g.L; x0 += NV * VL) {
+    vec acc[NV];
+    for (int u = 0; u < NV; ++u) acc[u] = vec{};
+    for (size_t i = 0; i < sp.taps.size(); ++i) {
+      const scalar_t* kt = kbuf + sp.taps[i] * g.L + x0;
+      const scalar_t* vt = vpad + sp.off[i] + x0;
+      for (int u = 0; u < NV; ++u) acc[u] += vload(kt + u * VL) * vload(vt + u * VL);
     }
-    for (int64_t e = e0 + 1; e < e1; ++e) {
-      const scalar_t s = static_cast<scalar_t>(sp.s[e]);
-      const scalar_t* __restrict__ ca = cpad + sp.a[e] * g.L;
-      for (int64_t x = 0; x < g.L; ++x) kt[x] += s * ca[x];
+    for (int u = 0; u < NV; ++u) vstore(out + x0 + u * VL, acc[u]);
+  }
+}
+
+// per tap t, chunk by chunk: dk_t = -sign(k_t) R / n + sum_p gyn v(x + t) (into dkbuf, the sum over the
+// partitions in registers) and dv(x + t) += k_t(x) gyn(x) (into gvpad), the tap's k chunk loaded once
+template <typename scalar_t, bool GC, bool GV>
+void backward_taps(const Geo& g, const Sparse& sp, const scalar_t* kbuf, const scalar_t* rnp, const scalar_t* gyn,
+                   const scalar_t* vpad, scalar_t* gvpad, scalar_t* dkbuf) {
+  typedef typename Vec<scalar_t>::type vec;
+  constexpr int64_t VL = lanes<scalar_t>();
+  for (size_t i = 0; i < sp.taps.size(); ++i) {
+    const int64_t off = sp.off[i];
+    for (int64_t x0 = 0; x0 < g.L; x0 += NV * VL) {
+      vec k[NV], d[NV];
+      for (int u = 0; u < NV; ++u) k[u] = vload(kbuf + sp.taps[i] * g.L + x0 + u * VL);
+      if constexpr (GC)
+        for (int u = 0; u < NV; ++u)       // (k < 0) - (k > 0), with vector masks (true = -1)
+          d[u] = (__builtin_convertvector(k[u] > 0, vec) - __builtin_convertvector(k[u] < 0, vec))
+                 * vload(rnp + x0 + u * VL);
+      for (int64_t p = 0; p < g.P; ++p) {
+        const scalar_t* q = gyn + p * g.L + x0;
+        if constexpr (GC) {
+          const scalar_t* vt = vpad + p * g.PL + off + x0;
+          for (int u = 0; u < NV; ++u) d[u] += vload(q + u * VL) * vload(vt + u * VL);
+        }
+        if constexpr (GV) {
+          scalar_t* gt = gvpad + p * g.PL + off + x0;
+          for (int u = 0; u < NV; ++u) vstore(gt + u * VL, vload(gt + u * VL) + k[u] * vload(q + u * VL));
+        }
+      }
+      if constexpr (GC)
+        for (int u = 0; u < NV; ++u) vstore(dkbuf + i * g.L + x0 + u * VL, d[u]);
     }
   }
 }
@@ -144,13 +250,7 @@ void forward_impl(const Geo& g, const Sparse& sp, const scalar_t* v, const scala
         for (int64_t p = 0; p < g.P; ++p) {
           const int64_t plane = (((b * g.P + p) * g.J + j) * g.D + c) * g.HW;
           to_padded(g, v + plane, vpad.data());
-          scalar_t* __restrict__ ar = acc.data();
-          std::fill(acc.begin(), acc.end(), scalar_t(0));
-          for (size_t i = 0; i < sp.taps.size(); ++i) {
-            const scalar_t* __restrict__ kt = kbuf.data() + sp.taps[i] * g.L;
-            const scalar_t* __restrict__ vt = vpad.data() + sp.off[i];
-            for (int64_t x = 0; x < g.L; ++x) ar[x] += kt[x] * vt[x];
-          }
+          filter_taps(g, sp, kbuf.data(), vpad.data(), acc.data());
           from_rows(g, acc.data(), y + plane);
         }
       }
@@ -170,7 +270,8 @@ template <typename scalar_t>
 void backward_impl(const Geo& g, const Sparse& sp, const scalar_t* v, const scalar_t* coef,
                    const scalar_t* norm, const scalar_t* y, const scalar_t* gy, scalar_t* gv, scalar_t* gc) {
   at::parallel_for(0, g.B * g.J, 1, [&](int64_t begin, int64_t end) {
-    std::vector<scalar_t> kbuf(g.T * g.L, 0), cpad(g.A * g.L, 0), gcpad(g.A * g.L, 0), dk(g.L, 0);
+    std::vector<scalar_t> kbuf(g.T * g.L, 0), cpad(g.A * g.L, 0), gcpad(g.A * g.L, 0),
+        dkbuf(sp.taps.size() * g.L, 0);
     std::vector<scalar_t> vpad(g.P * g.PL, 0), gvpad(g.P * g.PL, 0), gyn(g.P * g.L, 0), rn(g.HW), rnp(g.L, 0),
         ninv(g.HW);
     for (int64_t task = begin; task < end; ++task) {
@@ -201,38 +302,17 @@ void backward_impl(const Geo& g, const Sparse& sp, const scalar_t* v, const scal
           if (gc) to_padded(g, v + plane, vpad.data() + p * g.PL);
         }
         if (gv) std::fill(gvpad.begin(), gvpad.end(), scalar_t(0));
-        if (gc) std::fill(gcpad.begin(), gcpad.end(), scalar_t(0));
-        for (size_t i = 0; i < sp.taps.size(); ++i) {
-          const scalar_t* __restrict__ kt = kbuf.data() + sp.taps[i] * g.L;
-          const int64_t off = sp.off[i];
-          scalar_t* __restrict__ d = dk.data();
-          if (gc) {                              // dk_t = -sign(k_t) R / n + sum_p gyn v(x + t)
-            const scalar_t* __restrict__ r = rnp.data();
-            for (int64_t x = 0; x < g.L; ++x)
-              d[x] = (static_cast<scalar_t>(kt[x] < 0) - static_cast<scalar_t>(kt[x] > 0)) * r[x];
-          }
-          for (int64_t p = 0; p < g.P; ++p) {      // and dv(x + t) += k_t(x) gyn(x)
-            const scalar_t* __restrict__ q = gyn.data() + p * g.L;
-            const scalar_t* __restrict__ vt = vpad.data() + p * g.PL + off;
-            scalar_t* __restrict__ gt = gvpad.data() + p * g.PL + off;
-            if (gc && gv) {
-              for (int64_t x = 0; x < g.L; ++x) { d[x] += q[x] * vt[x]; gt[x] += kt[x] * q[x]; }
-            } else if (gc) {
-              for (int64_t x = 0; x < g.L; ++x) d[x] += q[x] * vt[x];
-            } else {
-              for (int64_t x = 0; x < g.L; ++x) gt[x] += kt[x] * q[x];
-            }
-          }
-          if (gc)
-            for (int64_t e = sp.start[i]; e < sp.start[i + 1]; ++e) {   // dcoef_a += S[a, t] dk_t
-              const scalar_t s = static_cast<scalar_t>(sp.s[e]);
-              scalar_t* __restrict__ ga = gcpad.data() + sp.a[e] * g.L;
-              for (int64_t x = 0; x < g.L; ++x) ga[x] += s * d[x];
-            }
-        }
-        if (gc)
+        if (gc && gv) backward_taps<scalar_t, true, true>(g, sp, kbuf.data(), rnp.data(), gyn.data(), vpad.data(),
+                                                          gvpad.data(), dkbuf.data());
+        else if (gc) backward_taps<scalar_t, true, false>(g, sp, kbuf.data(), rnp.data(), gyn.data(), vpad.data(),
+                                                          gvpad.data(), dkbuf.data());
+        else backward_taps<scalar_t, false, true>(g, sp, kbuf.data(), rnp.data(), gyn.data(), vpad.data(),
+                                                  gvpad.data(), dkbuf.data());
+        if (gc) {                                  // dcoef_a = sum_t S[a, t] dk_t
+          coefficient_gradient(g, sp, dkbuf.data(), gcpad.data());
           for (int64_t a = 0; a < g.A; ++a)
             from_rows(g, gcpad.data() + a * g.L, gc + ((task * g.D + c) * g.A + a) * g.HW);
+        }
         if (gv)
           for (int64_t p = 0; p < g.P; ++p)
             from_padded(g, gvpad.data() + p * g.PL, gv + (((b * g.P + p) * g.J + j) * g.D + c) * g.HW);
