@@ -401,7 +401,7 @@ def test_layer_equals_naive_float64_reference(digits):
         ref = nl.expand(out)
         assert torch.allclose(y, ref, atol=1e-12, rtol=1e-10)
         kk, c = nl.generate(x, coefficients=True)
-        assert torch.allclose(torch.einsum("bgdahw,au->bgduhw", c, nl.stencils.double()), kk, atol=1e-12)
+        assert torch.allclose(torch.einsum("bgdahw,au->bgduhw", c, nl.stencil_bank()), kk, atol=1e-12)
 
 
 def test_forward_backward_reaches_every_parameter(digits):

@@ -163,3 +163,47 @@ def test_compiled_isotypic_map_is_captured_whole_and_matches_eager():
     (ge,) = torch.autograd.grad(y, [m.weight], gy)
     (gc,) = torch.autograd.grad(yc, [m.weight], gy)
     assert ((gc - ge).norm() / ge.norm()) <= 1e-5
+
+
+# ------------------------------------------------------------------ the fused basis changes (C++)
+@pytest.fixture(scope="module")
+def fused_transforms():
+    import shutil
+    if I.fused_isotypic_extension() is None:
+        if shutil.which("c++") or shutil.which("g++"):
+            pytest.fail("a C++ compiler is here, the fused isotypic basis changes must build")
+        pytest.skip("no C++ compiler: the plain-PyTorch basis changes are used")
+    return I.fused_isotypic_extension()
+
+
+@pytest.mark.parametrize("G", [C16, D16], ids=str)
+@pytest.mark.parametrize("B,C,O,H,W,groups,inner", [(3, 8, 12, 7, 5, 1, 1), (2, 8, 12, 5, 5, 2, 1),
+                                                     (2, 6, 30, 3, 9, 2, 15), (1, 4, 4, 1, 1, 1, 1)])
+def test_fused_basis_changes_equal_the_pytorch_formulation(fused_transforms, G, B, C, O, H, W, groups, inner):
+    """One C++ pass per basis change (with its layout change) against matmul + permuted copy: float64, values
+    and both gradients, grouped maps and the generator's inner layout, sizes that leave a vector tail."""
+    rho = field_rep(G, "regular")
+    plan = I.isotypic_plan(rho, rho)
+    S, R, Cc = plan.slots
+    gen = torch.Generator().manual_seed(B * 100 + O)
+    x = torch.randn(B, C, rho.dim, H, W, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(S * groups, (O // groups) * R, (C // groups) * Cc, generator=gen, dtype=torch.float64,
+                    requires_grad=True)
+    y1 = I.isotypic_conv1x1(x, w, plan, groups=groups, inner=inner, fused=True)
+    y0 = I.isotypic_conv1x1(x, w, plan, groups=groups, inner=inner, fused=False)
+    assert y1.shape == y0.shape == ((B, O, rho.dim, H, W) if inner == 1 else (B, O // inner, rho.dim, inner, H, W))
+    gy = torch.randn(y0.shape, generator=gen, dtype=torch.float64)
+    g1 = torch.autograd.grad(y1, (x, w), gy)
+    g0 = torch.autograd.grad(y0, (x, w), gy)
+    for a, b in ((y1, y0), *zip(g1, g0)):
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+
+
+def test_wide_map_runs_the_fused_basis_changes(fused_transforms, monkeypatch):
+    calls = []
+    real = fused_transforms.to_slots
+    monkeypatch.setattr(I, "fused_isotypic_extension",
+                        lambda: type("E", (), {"to_slots": lambda self, *a: calls.append(1) or real(*a),
+                                               "from_slots": lambda self, *a: fused_transforms.from_slots(*a)})())
+    _wide()(torch.randn(1, 24, 16, 3, 3))
+    assert calls == [1]

@@ -6,7 +6,11 @@
   gradcheck, and is what the layer runs on the CPU;
 * a Neural ePDO layer's output and every parameter gradient are the same through either path;
 * its training step at the benchmark size keeps at most half the reference's peak memory;
-* ``conv1x1`` is ``F.conv2d`` (groups, bias, small and large maps, strided inputs).
+* ``conv1x1`` is ``F.conv2d`` (groups, bias, small and large maps, strided inputs);
+* the generator in the untwisted frame (wide layers on regular fields: isotypic blocks and one rotated stencil
+  bank per component) is the same layer as the dense generator in float64 (output, every gradient), exactly
+  equivariant, never stale in eval mode, and captured whole by ``torch.compile``; float64 layers use the exact
+  float64 basis and stencils.
 """
 import shutil
 
@@ -15,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kit.fields import FieldType
-from kit.groups import cyclic
+from kit.groups import cyclic, dihedral
 from kit.kernels import pdo_filter as PF
 from kit.layers import epdo as E
 from kit.layers.base import POINTWISE_MATMUL_MIN_PIXELS, conv1x1
@@ -209,3 +213,108 @@ def test_reference_kernels_runs_every_reference_path_and_gives_the_same_model(fu
     with reference_kernels():
         assert torch.allclose(conv1x1(h, w), y, atol=1e-5)              # oneDNN
     assert len(calls) == 1
+
+
+# ------------------------------------------------ the generator in the untwisted frame (regular fields)
+def test_filter_with_one_bank_per_component_equals_the_reference(fused):
+    """``pdo_filter`` with ``S (d, A, T)`` (component ``c`` builds its stencils with ``S[c]``): fused vs plain
+    PyTorch, float64, output and both gradients."""
+    gen = torch.Generator().manual_seed(11)
+    v = torch.randn(2, 3, 2, 4, 9, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    coef = torch.randn(2, 2, 4, 15, 9, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    S = torch.randn(4, 15, 25, generator=gen, dtype=torch.float64)
+    S[1, :, 3] = 0.0                                                    # a tap empty in one bank only
+    y = PF.pdo_filter(v, coef, S, 0.01)
+    y0 = PF.pdo_filter_reference(v, coef, S, 0.01)
+    gy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+    for a, b in ((y, y0), *zip(torch.autograd.grad(y, (v, coef), gy), torch.autograd.grad(y0, (v, coef), gy))):
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+    with pytest.raises(ValueError, match="one bank"):
+        PF.pdo_filter(v, coef, S[:3], 0.01)
+
+
+def _wide_nepdo(G, z, s, method):
+    torch.manual_seed(0)
+    kw = {"stencil_kw": {"normalize": False}} if method == "gauss" else {}
+    return E.NeuralEPDOConv(in_type=FieldType(G, "regular", z), out_fields=z, g=4, s=s, method=method, **kw)
+
+
+@pytest.mark.parametrize("G,z,s,method", [(cyclic(16), 24, 1, "gauss"), (cyclic(16), 48, 2, "fd"),
+                                           (dihedral(16), 12, 1, "fd")], ids=str)
+def test_untwisted_generator_is_the_same_layer(fused, G, z, s, method):
+    """A wide Neural ePDO on regular fields generates its coefficients in the untwisted frame (isotypic blocks,
+    rotated banks); output and every gradient equal the dense generator's (``reference_kernels()``) in
+    float64 to 1e-12, and the layer is exactly equivariant at the grid elements."""
+    from kit.equivariance import check, max_error
+    from kit.kernels import reference_kernels
+    nl = _wide_nepdo(G, z, s, method).double()
+    x = torch.randn(2, z, G.order, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2),
+                    requires_grad=True)
+    assert nl.uses_untwisted_generator(x)
+    y = nl(x)
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    params = [x] + list(nl.parameters())
+    g1 = torch.autograd.grad(y, params, gy)
+    with reference_kernels():
+        assert not nl.uses_untwisted_generator(x)
+        y0 = nl(x)
+        g0 = torch.autograd.grad(y0, params, gy)
+    for a, b in ((y, y0), *zip(g1, g0)):
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+    els = [g for g in G.elements if G.is_exact_on_grid(g)]
+    xs = torch.randn(1, z, G.order, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    assert max_error(check(nl.eval(), els, xs)) <= 1e-12
+
+
+def test_untwisted_generator_only_for_regular_fields_and_its_banks_rotate_the_stencils():
+    from kit.reps import coefficient_rep, field_rep
+    S, skey = E.pdo_stencil_matrix("fd")
+    u = E.untwisted_generator(field_rep(cyclic(16), "regular"), S, skey)
+    assert u is not None and u.plan.slots == (8, 2, 2)
+    Dc = coefficient_rep(cyclic(16)).matrices.double()
+    assert torch.allclose(u.banks, Dc.transpose(1, 2) @ S, atol=1e-14)
+    assert torch.allclose(u.banks[0], S, atol=1e-14)                   # element 0 is the identity
+    assert E.untwisted_generator(field_rep(cyclic(16), "quotient"), S, skey) is None
+    nl = _wide_nepdo(cyclic(16), 8, 4, "fd")                            # narrow: the dense generator
+    assert not nl.uses_untwisted_generator(torch.zeros(1, 8, 16, 3, 3))
+
+
+def test_untwisted_generator_cache_never_stale(fused):
+    nl = _wide_nepdo(cyclic(16), 24, 1, "fd").eval()
+    x = torch.randn(1, 24, 16, 5, 5, generator=torch.Generator().manual_seed(5))
+    assert nl.uses_untwisted_generator(x)
+    with torch.no_grad():
+        y1 = nl(x)
+        nl.gen_weight.mul_(-1.5)                                        # in place: the cache must see it
+        y2 = nl(x)
+        from kit.kernels import reference_kernels
+        with reference_kernels():
+            y2_ref = nl(x)
+    assert not torch.allclose(y1, y2)
+    assert ((y2 - y2_ref).norm() / y2_ref.norm()) <= 1e-5
+
+
+def test_float64_runs_use_the_exact_basis():
+    """float32 layers read the float32 buffers; float64 layers the float64 originals (so the dense and the
+    untwisted generators are one float64 operator, not two roundings of it)."""
+    from kit.reps import field_rep
+    nl = _wide_nepdo(cyclic(16), 8, 4, "fd")
+    S, skey = E.pdo_stencil_matrix("fd")
+    exact = E.generator_basis(field_rep(cyclic(16), "regular"), S, skey)
+    assert torch.equal(nl._buffer("gen_basis"), exact.float())
+    nl.double()
+    assert torch.equal(nl._buffer("gen_basis"), exact) and torch.equal(nl._buffer("stencils"), S)
+
+
+def test_compiled_untwisted_layer_is_captured_whole_and_matches_eager(fused):
+    torch._dynamo.reset()
+    nl = _wide_nepdo(cyclic(16), 24, 1, "gauss")
+    x = torch.randn(2, 24, 16, 6, 6, generator=torch.Generator().manual_seed(8))
+    assert nl.uses_untwisted_generator(x)
+    c = torch.compile(nl, backend="aot_eager", fullgraph=True, dynamic=False)
+    y, yc = nl(x), c(x)
+    assert float((yc - y).norm() / y.norm()) <= 1e-5
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
+    ge = torch.autograd.grad(y, list(nl.parameters()), gy)
+    gc = torch.autograd.grad(yc, list(nl.parameters()), gy)
+    assert all(float((a - b).norm() / b.norm()) <= 1e-5 for a, b in zip(gc, ge))

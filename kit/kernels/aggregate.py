@@ -130,16 +130,21 @@ class _DynamicAggregation(torch.autograd.Function):
         return gv, gk
 
 
-def build_extension(name: str, source: str):
+def build_extension(name: str, source: str, *, fma: bool = False):
     """Compile ``kit/kernels/csrc/<source>`` into torch's extension cache (``TORCH_EXTENSIONS_DIR``;
     about a minute, once per CPU kind) and return the module, or ``None`` where it cannot be built (a
     warning says why) or ``EQKIT_FUSED=0``. A compiler that refuses ``-march=native`` gets a plain
-    ``-O3`` build."""
+    ``-O3`` build. ``fma=True``: fused multiply-adds allowed (``-ffp-contract=fast``), for kernels that
+    need not round like aten term by term (the Neural-ePDO filter, the isotypic basis changes: tested
+    against their references to 1e-12 in float64); E4's aggregation keeps :data:`EXTRA_CFLAGS`."""
     if os.environ.get("EQKIT_FUSED", "1") == "0":
         return None
     src = Path(__file__).resolve().parent / "csrc" / source
     error = None
-    for extra, tag in ((EXTRA_CFLAGS, _cpu_tag()), ([], "generic")):
+    flags = EXTRA_CFLAGS
+    if fma and "EQKIT_CFLAGS" not in os.environ:
+        flags = ["-march=native", "-ffp-contract=fast"]
+    for extra, tag in ((flags, _cpu_tag() + ("f" if fma else "")), ([], "generic")):
         try:
             from torch.utils.cpp_extension import load
             return load(name=f"{name}_{tag}", sources=[str(src)], extra_cflags=["-O3", "-fopenmp"] + extra,

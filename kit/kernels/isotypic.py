@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _compat
 from ..groups import Representation
 from ..reps import rep_key
 from .intertwiners import intertwiner_basis
@@ -171,18 +172,79 @@ def isotypic_weight(weight: torch.Tensor, basis: torch.Tensor, plan: IsotypicPla
     return Wh.reshape(S, O * R, C * Cc)
 
 
-def isotypic_conv1x1(x: torch.Tensor, weight_hat: torch.Tensor, plan: IsotypicPlan) -> torch.Tensor:
+@functools.lru_cache(maxsize=1)
+def fused_isotypic_extension():
+    """The compiled basis changes (``csrc/isotypic.cpp``: each with its layout change, one pass), or ``None``."""
+    from .aggregate import build_extension
+    return build_extension("eqkit_isotypic", "isotypic.cpp", fma=True)
+
+
+class _ToSlots(torch.autograd.Function):
+    """``x (B, C, d, K, P) -> t (S, C, K, Cc, B, P)``, ``t = Q x`` per field (C++; the adjoint is its backward)."""
+
+    @staticmethod
+    def forward(ctx, x, q):
+        ctx.save_for_backward(q)
+        return fused_isotypic_extension().to_slots(x, q)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gt):
+        (q,) = ctx.saved_tensors
+        return fused_isotypic_extension().from_slots(gt, q), None
+
+
+class _FromSlots(torch.autograd.Function):
+    """``t (S, C, K, Cc, B, P) -> x (B, C, d, K, P)``, ``x = Q^T t`` per field (C++)."""
+
+    @staticmethod
+    def forward(ctx, t, q):
+        ctx.save_for_backward(q)
+        return fused_isotypic_extension().from_slots(t, q)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gx):
+        (q,) = ctx.saved_tensors
+        return fused_isotypic_extension().to_slots(gx, q), None
+
+
+def _fused(x: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not _compat.is_compiling()
+            and not _compat.REFERENCE_KERNELS and fused_isotypic_extension() is not None)
+
+
+def isotypic_conv1x1(x: torch.Tensor, weight_hat: torch.Tensor, plan: IsotypicPlan, *, groups: int = 1,
+                     inner: int = 1, fused: bool | None = None) -> torch.Tensor:
     """``(B, C_in, d_in, H, W) -> (B, C_out, d_out, H, W)``: the 1x1 map with blocks ``weight_hat``
-    (:func:`isotypic_weight`): basis change, one batched matmul over the slots, basis change back."""
+    (:func:`isotypic_weight`): basis change, one batched matmul over the slots, basis change back.
+
+    ``groups``: a grouped map (whole fields; ``weight_hat (S groups, C_out/groups R, C_in/groups Cc)``, group
+    ``k`` maps input fields ``[k C_in/groups, (k+1) C_in/groups)`` to the same range of outputs). ``inner``: every
+    ``inner`` consecutive output fields are laid out inside the component axis, ``(B, C_out/inner, d_out, inner,
+    H, W)`` (the Neural-ePDO generator's coefficients, :class:`kit.layers.epdo.NeuralEPDOConv`).
+
+    The basis changes run as one C++ pass each with their layout change (``csrc/isotypic.cpp``) on the CPU
+    (``fused=None``: when built, not under ``torch.compile``); ``fused=False`` is the plain-PyTorch
+    formulation (a batched matmul and a permuted copy each; the reference in tests)."""
     B, C, d_in, H, W = x.shape
     S, R, Cc = plan.slots
     P = H * W
-    O = weight_hat.shape[1] // R
+    O = weight_hat.shape[1] * groups // R
+    if fused is None:
+        fused = _fused(x)
+    if fused:
+        q_in, q_out = plan.q_in.to(x.dtype), plan.q_out.to(x.dtype)
+        t = _ToSlots.apply(x.reshape(B, C, d_in, 1, P), q_in)                    # (S, C, 1, Cc, B, P)
+        y = torch.bmm(weight_hat, t.view(S * groups, (C // groups) * Cc, B * P))  # (S groups, O/groups R, B P)
+        y = _FromSlots.apply(y.view(S, O // inner, inner, R, B, P), q_out)      # (B, O/inner, d_out, inner, P)
+        return y.view(B, O, -1, H, W) if inner == 1 else y.view(B, O // inner, -1, inner, H, W)
     q_in = plan.q_in.to(x.dtype).reshape(S * Cc, d_in)
     q_out = plan.q_out.to(x.dtype).reshape(S * R, -1)
     t = torch.matmul(q_in, x.reshape(B * C, d_in, P))                           # (B C, S Cc, P)
-    t = t.view(B, C, S, Cc, P).permute(2, 1, 3, 0, 4).reshape(S, C * Cc, B * P)  # (S, C Cc, B P)
-    y = torch.bmm(weight_hat, t)                                                 # (S, O R, B P)
-    y = y.view(S, O, R, B, P).permute(3, 1, 0, 2, 4).reshape(B * O, S * R, P)    # (B O, S R, P)
-    y = torch.matmul(q_out.T, y)                                                 # (B O, d_out, P)
-    return y.view(B, O, -1, H, W)
+    t = t.view(B, C, S, Cc, P).permute(2, 1, 3, 0, 4)                            # (S, C, Cc, B, P)
+    t = t.reshape(S * groups, (C // groups) * Cc, B * P)                         # (S groups, C/groups Cc, B P)
+    y = torch.bmm(weight_hat, t)                                                 # (S groups, O/groups R, B P)
+    y = y.view(S, O // inner, inner, R, B, P).permute(4, 1, 0, 3, 2, 5)          # (B, O/inner, S, R, inner, P)
+    y = torch.matmul(q_out.T, y.reshape(B * (O // inner), S * R, inner * P))     # (B O/inner, d_out, inner P)
+    return y.view(B, O, -1, H, W) if inner == 1 else y.view(B, O // inner, -1, inner, H, W)

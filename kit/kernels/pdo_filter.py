@@ -36,25 +36,25 @@ __all__ = ["pdo_filter", "pdo_filter_reference", "fused_pdo_extension", "fused_o
 
 
 def _check(v: torch.Tensor, coef: torch.Tensor, S: torch.Tensor):
-    if v.dim() != 6 or coef.dim() != 6 or S.dim() != 2 or coef.shape[0] != v.shape[0] \
-            or tuple(coef.shape[1:3]) != tuple(v.shape[2:4]) or coef.shape[3] != S.shape[0] \
-            or tuple(coef.shape[-2:]) != tuple(v.shape[-2:]):
-        raise ValueError(f"pdo_filter needs v (B, P, g, d, H, W), coef (B, g, d, A, H, W) and S (A, T); got "
-                         f"{tuple(v.shape)}, {tuple(coef.shape)} and {tuple(S.shape)}")
+    if v.dim() != 6 or coef.dim() != 6 or S.dim() not in (2, 3) or coef.shape[0] != v.shape[0] \
+            or tuple(coef.shape[1:3]) != tuple(v.shape[2:4]) or coef.shape[3] != S.shape[-2] \
+            or (S.dim() == 3 and S.shape[0] != v.shape[3]) or tuple(coef.shape[-2:]) != tuple(v.shape[-2:]):
+        raise ValueError(f"pdo_filter needs v (B, P, g, d, H, W), coef (B, g, d, A, H, W) and S (A, T) or one bank "
+                         f"per component (d, A, T); got {tuple(v.shape)}, {tuple(coef.shape)} and {tuple(S.shape)}")
 
 
 @functools.lru_cache(maxsize=1)
 def fused_pdo_extension():
     """The compiled fused PDO filter (``csrc/epdo_stencils.cpp``), or ``None`` (the reference is used)."""
-    return build_extension("eqkit_epdo_stencils", "epdo_stencils.cpp")
+    return build_extension("eqkit_epdo_stencils", "epdo_stencils.cpp", fma=True)
 
 
 def pdo_filter_reference(v: torch.Tensor, coef: torch.Tensor, S: torch.Tensor, eps: float) -> torch.Tensor:
     """The operator in plain PyTorch (see the module docstring): ``(B, P, g, d, H, W)``."""
     _check(v, coef, S)
     B, P, g, d, H, W = v.shape
-    A, T = S.shape
-    k = torch.matmul(S.T.to(coef.dtype), coef.reshape(B, g, d, A, H * W))        # (B, g, d, T, HW)
+    A, T = S.shape[-2:]
+    k = torch.matmul(S.transpose(-1, -2).to(coef.dtype), coef.reshape(B, g, d, A, H * W))   # (B, g, d, T, HW)
     n = torch.linalg.vector_norm(k, 1, dim=(2, 3), keepdim=True) + eps          # (B, g, 1, 1, HW)
     vj = v.transpose(1, 2).reshape(B, g * P, d, H, W)                            # j-major: g slices of P fields
     y = dynamic_aggregate(vj, k.view(B, g, d, T, H, W))                          # (B, g P, d, H, W)

@@ -52,6 +52,15 @@ The Neural ePDO layer (``x: (B, z, d, H, W)``, ``|G|`` group order):
 Parameters: ``z m d + 4 m + (m/s) g (d 15) + z z_out dim Hom(rho, rho_out)``, the public code's
 count (``../shared/reference/neural_epdo.md`` section 6.3).
 
+Speed paths on the CPU (the same operator; :func:`kit.kernels.reference_kernels` switches them off):
+
+* wide 1x1 maps (``reduce``, ``expand``) in the isotypic bases (:mod:`kit.kernels.isotypic`: Schur's
+  blocks, C16 regular 32 of 256 multiply-accumulates per field pair);
+* on regular fields, the generator in the *untwisted* frame (:func:`untwisted_generator`): with
+  ``chat_h = D^-T(h)^-1 c_h`` per component ``h`` the coefficients are 15 regular fields, so the generator
+  is an isotypic map between regular fields too, and component ``h`` builds its stencils from the rotated
+  bank ``D^-T(h)^T S``; nothing is transformed back.
+
 Kernels (the 1x1 weights, the lifting filter bank, the generator weight) are rebuilt from the
 parameters every training forward and cached in eval mode by :class:`kit.layers.base.KernelCache`
 (never stale). All discretisations come from :func:`kit.kernels.stencils.stencil_bank` with one
@@ -62,13 +71,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..fields import FieldType
-from ..groups import Representation, cyclic, plane_coords
+from ..groups import Representation, cyclic, plane_coords, regular_rep
 from ..kernels.intertwiners import _VERSION, _cached, _gram_recombination, _layer_basis, intertwiner_basis
 from ..reps import MAX_ORDER, coefficient_rep, component_index, derivative_rep, field_rep, rep_key, tensor_rep
 from .base import EquivariantModule, KernelCache, conv1x1
@@ -161,6 +171,58 @@ def generator_basis(rho: Representation, S: torch.Tensor, skey: str, *, structur
     key = (f"{_VERSION}|gen|{int(structured)}|{rep_key(rho)}|{skey}|"
            f"{hashlib.sha1(S.numpy().tobytes()).hexdigest()[:16]}")
     return _cached(key, build, (d, N_OPS, G.order), None)
+
+
+@dataclass(frozen=True)
+class UntwistedGenerator:
+    """The Neural-ePDO generator of a regular field type in the untwisted frame (:func:`untwisted_generator`).
+
+    ``blocks (n, 15, S, R, Cc)``: every generator basis element as 15 maps regular -> regular in the isotypic
+    bases of ``plan``; ``banks (d, 15, 25)``: component ``h``'s stencil bank ``D(h)^-T^T S``. Float64."""
+    plan: isotypic.IsotypicPlan
+    blocks: torch.Tensor
+    banks: torch.Tensor
+
+    def mac_ratio(self, c_in: int, c_out: int) -> float:
+        """Multiply-accumulates per pixel against the dense generator, ``c_in`` hidden regular fields to ``c_out``
+        coefficient fields (per group)."""
+        return self.plan.mac_ratio(c_in, N_OPS * c_out)
+
+
+_UNTWISTED: dict = {}
+
+
+def untwisted_generator(rho: Representation, S: torch.Tensor, skey: str) -> UntwistedGenerator | None:
+    """The generator of :class:`NeuralEPDOConv` on regular fields of ``rho`` as a map between regular fields.
+
+    A coefficient field transforms as ``rho (x) D^-T`` (``c'_{gh} = D^-T(g) c_h``, component ``h`` of the regular
+    representation is group element ``h``). Untwisting each component, ``chat_h = D^-T(h)^-1 c_h``, gives
+    ``chat'_{gh} = chat_h``: 15 regular fields. So the generator, an equivariant 1x1 map regular -> ``rho (x)
+    D^-T``, is an equivariant 1x1 map regular -> regular^15, block diagonal in the isotypic bases
+    (:mod:`kit.kernels.isotypic`; D16: 128 of 1024 multiply-accumulates per field pair), and the stencils of
+    component ``h`` are ``S^T c_h = (D^-T(h)^T S)^T chat_h``: the rotated bank. No transform back to ``c`` is
+    needed; the PDO filter takes one bank per component. ``None`` unless ``rho`` is a regular representation
+    (or the decomposition could not be verified to 1e-10). Cached per (rho, stencils)."""
+    key = (rep_key(rho), skey)
+    if key in _UNTWISTED:
+        return _UNTWISTED[key]
+    out = None
+    G = rho.group
+    reg = regular_rep(G)
+    if rho.dim == G.order and torch.equal(rho.matrices.double(), reg.matrices.double()):
+        B = generator_basis(rho, S, skey)                                        # (n, d, 15, |G|)
+        Dc = coefficient_rep(G).matrices.double()                               # (|G|, 15, 15); comp. h = element h
+        Bh = torch.einsum("hba,nhaq->nbhq", torch.linalg.inv(Dc), B)            # (n, 15, d, |G|)
+        plan = isotypic.isotypic_plan(reg, reg)
+        if plan is not None:
+            n = B.shape[0]
+            blocks = plan.blocks(Bh.reshape(n * N_OPS, G.order, G.order))        # (n 15, S, R, Cc)
+            rebuilt = torch.einsum("sre,nsri,sid->ned", plan.q_out, blocks, plan.q_in)
+            if float((rebuilt - Bh.reshape(n * N_OPS, G.order, G.order)).abs().max()) <= 1e-10:
+                banks = torch.einsum("hab,bt->hat", Dc.transpose(1, 2), S)      # D(h)^T S: (d, 15, 25)
+                out = UntwistedGenerator(plan, blocks.reshape(n, N_OPS, *plan.slots).contiguous(), banks)
+    _UNTWISTED[key] = out
+    return out
 
 
 # ===================================================================================== the layers
@@ -330,6 +392,8 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         B = generator_basis(in_type.rep, S, skey)                               # (n, d, 15, |G|)
         self.register_buffer("gen_basis", B.float(), persistent=False)
         self.register_buffer("stencils", S.float(), persistent=False)           # (15, 25)
+        self._exact = (B, S)            # float64 originals (B shared with the basis cache): float64 runs use them
+        self._untwisted = untwisted_generator(in_type.rep, S, skey)            # None unless regular fields
         n = B.shape[0]
         # conv2: g output fields, m/s hidden fields per group, n basis coefficients: (m/s) g n
         self.gen_weight = nn.Parameter(torch.randn(g, m // s, n) * _kaiming_std(n, d * N_OPS, m // s))
@@ -342,20 +406,63 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         component order; cached in eval mode), or with ``kernels=True`` the same map with the stencils
         folded in, ``(g d 25, (m/s) |G|, 1, 1)`` (the public code's form; tests and figures)."""
         def build(kern):
-            Wc = torch.einsum("jin,ncaq->jcaiq", self.gen_weight, self.gen_basis.to(self.gen_weight.dtype))
+            Wc = torch.einsum("jin,ncaq->jcaiq", self.gen_weight, self._buffer("gen_basis"))
             if kern:                                                            # (g, d, 15, m/s, |G|)
-                Wc = torch.einsum("jcaiq,au->jcuiq", Wc, self.stencils.to(Wc.dtype))   # (g, d, 25, m/s, |G|)
+                Wc = torch.einsum("jcaiq,au->jcuiq", Wc, self._buffer("stencils"))      # (g, d, 25, m/s, |G|)
             g, d, A, i, q = Wc.shape
             return Wc.reshape(g * d * A, i * q, 1, 1) * self.scale
         if kernels:
             return build(True)
         return self.cached_kernel(lambda: build(False), self.gen_weight)
 
+    def _buffer(self, name: str) -> torch.Tensor:
+        """``gen_basis`` or ``stencils`` in the weights' dtype: the float32 buffer, or in float64 the exact
+        float64 original (so every formulation of the layer is the same float64 operator, not one rounded
+        through float32 in two different bases)."""
+        w = self.gen_weight
+        if w.dtype == torch.float64:
+            return self._exact[0 if name == "gen_basis" else 1].to(w.device)
+        return getattr(self, name).to(w.dtype)
+
+    def stencil_bank(self) -> torch.Tensor:
+        """The ``(15, 25)`` stencils ``S`` as the layer uses them: float32, or the exact float64 bank in float64."""
+        return self._buffer("stencils")
+
+    def untwisted_generator_weight(self) -> torch.Tensor:
+        """The generator in the untwisted frame as isotypic blocks ``(S s, (g/s) 15 R, (m/s) Cc)``
+        (:func:`untwisted_generator`; cached in eval mode)."""
+        def build():
+            blocks = self._untwisted.blocks.to(self.gen_weight.device, self.gen_weight.dtype)   # (n, 15, S, R, Cc)
+            S, R, Cc = self._untwisted.plan.slots
+            g, mi, _ = self.gen_weight.shape
+            Wh = torch.einsum("jin,nbsrk->sjbrik", self.gen_weight, blocks) * self.scale  # (S, g, 15, R, m/s, Cc)
+            return Wh.reshape(S * self.s, (g // self.s) * N_OPS * R, mi * Cc)
+        return self.cached_kernel(build, self.gen_weight, tag="untwisted")
+
+    def uses_untwisted_generator(self, x: torch.Tensor) -> bool:
+        """Whether a forward on ``x`` generates the coefficients in the untwisted frame (regular fields, a wide
+        generator on the CPU, outside :func:`kit.kernels.reference_kernels` and :func:`kit.export`):
+        :func:`untwisted_generator`."""
+        u = self._untwisted
+        if u is None or _compat.REFERENCE_KERNELS or _compat.EXPORTING or x.device.type != "cpu":
+            return False
+        G = self.in_type.group.order
+        mi = self.hidden // self.s
+        return (mi * G >= isotypic.MIN_CHANNELS
+                and u.mac_ratio(mi, self.g // self.s) <= isotypic.MAX_MAC_RATIO)
+
     def hidden_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``h = ReLU(norm(conv1x1(x)))``: ``(B, m, |G|, H, W)``."""
-        h = self.norm(self.reduce(x))                                           # (B, m, |G|, H, W)
-        h = h * self.norm_scale[:, None, None, None] + self.norm_shift[:, None, None, None]
-        return F.relu(h)
+        """``h = ReLU(norm(conv1x1(x)))``: ``(B, m, |G|, H, W)``. The public code's extra per-field affine is
+        folded into the GroupNorm's (``s (w n + b) + t = (s w) n + (s b + t)``) and the ReLU runs in place:
+        one pass over ``h`` instead of four (:func:`kit.kernels.reference_kernels`: the three separate ops)."""
+        h = self.reduce(x)                                                      # (B, m, |G|, H, W)
+        if _compat.REFERENCE_KERNELS or self.norm.affine != "per_field":
+            h = self.norm(h)
+            h = h * self.norm_scale[:, None, None, None] + self.norm_shift[:, None, None, None]
+            return F.relu(h)
+        w = self.norm.weight * self.norm_scale
+        b = self.norm.bias * self.norm_scale + self.norm_shift
+        return F.relu(F.group_norm(h, self.hidden, w, b, self.norm.eps), inplace=True)
 
     def _coefficients(self, x: torch.Tensor) -> torch.Tensor:
         """The generator's PDO coefficients ``(B, g*d*15, H, W)`` (input type checked)."""
@@ -369,7 +476,7 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         c = self._coefficients(x)                                               # (B, g*d*15, H, W)
         Bn, _, H, W = c.shape
         c = c.view(Bn, self.g, self.in_type.dim, N_OPS, H * W)
-        k = torch.matmul(self.stencils.T.to(c.dtype), c)                       # (B, g, d, 25, H*W)
+        k = torch.matmul(self._buffer("stencils").T, c)                         # (B, g, d, 25, H*W)
         norm = torch.linalg.vector_norm(k, 1, dim=(2, 3), keepdim=True) + self.l1_eps   # (B, g, 1, 1, H*W)
         return c, k, norm
 
@@ -402,11 +509,21 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
     def _forward(self, x):                                                       # (B, z, d, H, W)
         # coefficients -> stencils -> L1 normalisation -> filtering as one operator
         # (kit.kernels.pdo_filter: fused on the CPU; the stencils are never materialised)
-        c = self._coefficients(x)                                               # (B, g*d*15, H, W)
         Bn, z, d, H, W = x.shape
         g = self.g
-        y = pdo_filter(x.view(Bn, z // g, g, d, H, W), c.view(Bn, g, d, N_OPS, H, W),
-                       self.stencils, self.l1_eps)                             # (B, z/g, g, d, H, W)
+        if self.uses_untwisted_generator(x):
+            # the coefficients untwisted per component, c_h = D(h)^-T chat_h: the generator is then a map
+            # between regular fields (isotypic blocks) and component h's stencils come from the rotated bank
+            # S_h = D(h)^-T^T S (same stencils, same operator; kit.layers.epdo.untwisted_generator)
+            self.in_type.check(x, f"{type(self).__name__} input")
+            h = self.hidden_features(x)                                          # (B, m, |G|, H, W)
+            c = isotypic.isotypic_conv1x1(h, self.untwisted_generator_weight(), self._untwisted.plan,
+                                          groups=self.s, inner=N_OPS)           # (B, g, d, 15, H, W)
+            S = self._untwisted.banks.to(x.device, x.dtype)                      # (d, 15, 25)
+        else:
+            c = self._coefficients(x).view(Bn, g, d, N_OPS, H, W)               # (B, g, d, 15, H, W)
+            S = self._buffer("stencils")
+        y = pdo_filter(x.view(Bn, z // g, g, d, H, W), c, S, self.l1_eps)       # (B, z/g, g, d, H, W)
         return self.expand(y.view(Bn, z, d, H, W))                               # (B, z_out, d_out, H, W)
 
     def extra_repr(self) -> str:

@@ -12,7 +12,9 @@
 // in per-task buffers of 25 x H (W + 4) values: one task per (b, j) reads its coefficients and its
 // partitions' planes once. Maps are held row-padded, so that each tap is one contiguous loop (see the
 // layouts below). S is applied through its non-zero entries only (70 of 375 for the fd stencils, 318 for
-// the Gaussian ones). float32 / float64; gradients equal the reference's to float64 round-off (tested).
+// the Gaussian ones). S may also be one bank per component, (d, A, T): component c then builds its stencils
+// with S[c] (the layer's generator in the untwisted frame, kit/layers/epdo.py, passes the rotated banks
+// S_h = D(h)^T S). float32 / float64; gradients equal the reference's to float64 round-off (tested).
 //
 // Backward, with gyn = gy / n and R = sum_{p, c} gy y (per b, j, x):
 //   dL/dk_t(x)      = sum_p gyn(x) v(x + t) - sign(k_t(x)) R(x) / n(x)
@@ -33,10 +35,8 @@ struct Geo {
                        // zero-padded plane (H + 2R) Wp + 2R plus the same rounding
 };
 
-struct Sparse {                     // the non-zero entries of S (A x T), grouped by tap
-  std::vector<int64_t> taps;        // the taps with at least one non-zero entry
-  std::vector<int64_t> off;         // their offsets in the padded plane: (di + R) Wp + (dj + R)
-  std::vector<int64_t> start;       // entries of taps[i]: [start[i], start[i + 1])
+struct Bank {                       // the non-zero entries of one stencil bank S (A x T), grouped by tap
+  std::vector<int64_t> start;       // entries of taps[i]: [start[i], start[i + 1]) (empty where S[:, t] = 0)
   std::vector<int64_t> a;           // operator index of each entry
   std::vector<double> s;            // its value
   std::vector<int64_t> astart;      // the same entries by operator: those of a are [astart[a], astart[a + 1]) of
@@ -44,13 +44,21 @@ struct Sparse {                     // the non-zero entries of S (A x T), groupe
   std::vector<double> as;
 };
 
+struct Sparse {                     // one bank shared by every component, or one bank per component
+  std::vector<int64_t> taps;        // the taps with a non-zero entry in some bank
+  std::vector<int64_t> off;         // their offsets in the padded plane: (di + R) Wp + (dj + R)
+  std::vector<Bank> banks;
+  const Bank& bank(int64_t c) const { return banks[banks.size() == 1 ? 0 : c]; }
+};
+
 Geo geometry(const torch::Tensor& v, const torch::Tensor& coef, const torch::Tensor& S) {
-  TORCH_CHECK(v.dim() == 6 && coef.dim() == 6 && S.dim() == 2,
-              "eqkit epdo: v (B,P,g,d,H,W), coef (B,g,d,A,H,W) and S (A,T) expected");
+  TORCH_CHECK(v.dim() == 6 && coef.dim() == 6 && (S.dim() == 2 || S.dim() == 3),
+              "eqkit epdo: v (B,P,g,d,H,W), coef (B,g,d,A,H,W) and S (A,T) or (d,A,T) expected");
   TORCH_CHECK(v.is_contiguous() && coef.is_contiguous(), "eqkit epdo: contiguous v and coef expected");
   Geo g;
   g.B = v.size(0); g.P = v.size(1); g.J = v.size(2); g.D = v.size(3); g.H = v.size(4); g.W = v.size(5);
-  g.A = S.size(0); g.T = S.size(1); g.HW = g.H * g.W;
+  g.A = S.size(-2); g.T = S.size(-1); g.HW = g.H * g.W;
+  TORCH_CHECK(S.dim() == 2 || S.size(0) == g.D, "eqkit epdo: a bank per component needs S (d, A, T)");
   g.K = static_cast<int64_t>(std::lround(std::sqrt(static_cast<double>(g.T))));
   TORCH_CHECK(g.K * g.K == g.T && g.K % 2 == 1, "eqkit epdo: T must be an odd square");
   g.R = g.K / 2;
@@ -65,31 +73,34 @@ Geo geometry(const torch::Tensor& v, const torch::Tensor& coef, const torch::Ten
 Sparse sparse_of(const torch::Tensor& S, const Geo& g) {
   auto Sd = S.to(torch::kDouble).contiguous();
   const double* p = Sd.data_ptr<double>();
+  const int64_t nb = S.dim() == 3 ? S.size(0) : 1;
   Sparse sp;
   for (int64_t t = 0; t < g.T; ++t) {
     bool any = false;
-    for (int64_t a = 0; a < g.A; ++a) {
-      const double v = p[a * g.T + t];
-      if (v != 0.0) {
-        if (!any) {
-          sp.taps.push_back(t);
-          sp.off.push_back((t / g.K) * g.Wp + (t % g.K));
-          sp.start.push_back(static_cast<int64_t>(sp.a.size()));
-          any = true;
-        }
-        sp.a.push_back(a);
-        sp.s.push_back(v);
-      }
+    for (int64_t e = 0; e < nb * g.A; ++e) any = any || p[e * g.T + t] != 0.0;
+    if (any) {
+      sp.taps.push_back(t);
+      sp.off.push_back((t / g.K) * g.Wp + (t % g.K));
     }
   }
-  sp.start.push_back(static_cast<int64_t>(sp.a.size()));
-  for (int64_t a = 0; a < g.A; ++a) {
-    sp.astart.push_back(static_cast<int64_t>(sp.atap.size()));
-    for (size_t i = 0; i < sp.taps.size(); ++i)
-      for (int64_t e = sp.start[i]; e < sp.start[i + 1]; ++e)
-        if (sp.a[e] == a) { sp.atap.push_back(static_cast<int64_t>(i)); sp.as.push_back(sp.s[e]); }
+  for (int64_t c = 0; c < nb; ++c) {
+    const double* q = p + c * g.A * g.T;
+    Bank bk;
+    for (int64_t t : sp.taps) {
+      bk.start.push_back(static_cast<int64_t>(bk.a.size()));
+      for (int64_t a = 0; a < g.A; ++a)
+        if (q[a * g.T + t] != 0.0) { bk.a.push_back(a); bk.s.push_back(q[a * g.T + t]); }
+    }
+    bk.start.push_back(static_cast<int64_t>(bk.a.size()));
+    for (int64_t a = 0; a < g.A; ++a) {
+      bk.astart.push_back(static_cast<int64_t>(bk.atap.size()));
+      for (size_t i = 0; i < sp.taps.size(); ++i)
+        for (int64_t e = bk.start[i]; e < bk.start[i + 1]; ++e)
+          if (bk.a[e] == a) { bk.atap.push_back(static_cast<int64_t>(i)); bk.as.push_back(bk.s[e]); }
+    }
+    bk.astart.push_back(static_cast<int64_t>(bk.atap.size()));
+    sp.banks.push_back(std::move(bk));
   }
-  sp.astart.push_back(static_cast<int64_t>(sp.atap.size()));
   return sp;
 }
 
@@ -161,18 +172,18 @@ inline void combine_chunk(const int64_t* idx, const double* val, int64_t e0, int
 }
 // the active taps' stencils of one (b, j, c), row-padded: kbuf (T, L) from the row-padded coefficients
 template <typename scalar_t>
-void build_stencils(const Geo& g, const Sparse& sp, const scalar_t* cpad, scalar_t* kbuf) {
+void build_stencils(const Geo& g, const Sparse& sp, const Bank& bk, const scalar_t* cpad, scalar_t* kbuf) {
   for (int64_t x0 = 0; x0 < g.L; x0 += NV * lanes<scalar_t>())        // g.L: whole chunks
     for (size_t i = 0; i < sp.taps.size(); ++i)
-      combine_chunk(sp.a.data(), sp.s.data(), sp.start[i], sp.start[i + 1], cpad, g.L, x0, kbuf + sp.taps[i] * g.L);
+      combine_chunk(bk.a.data(), bk.s.data(), bk.start[i], bk.start[i + 1], cpad, g.L, x0, kbuf + sp.taps[i] * g.L);
 }
 
 // dcoef_a = sum_t S[a, t] dk_t for every operator, row-padded: gcpad (A, L) from dkbuf (taps, L)
 template <typename scalar_t>
-void coefficient_gradient(const Geo& g, const Sparse& sp, const scalar_t* dkbuf, scalar_t* gcpad) {
+void coefficient_gradient(const Geo& g, const Bank& bk, const scalar_t* dkbuf, scalar_t* gcpad) {
   for (int64_t x0 = 0; x0 < g.L; x0 += NV * lanes<scalar_t>())
     for (int64_t a = 0; a < g.A; ++a)
-      combine_chunk(sp.atap.data(), sp.as.data(), sp.astart[a], sp.astart[a + 1], dkbuf, g.L, x0, gcpad + a * g.L);
+      combine_chunk(bk.atap.data(), bk.as.data(), bk.astart[a], bk.astart[a + 1], dkbuf, g.L, x0, gcpad + a * g.L);
 }
 
 // y = sum_t k_t v(x + t) of one partition plane (row-padded out), chunk by chunk: the sum over the taps stays
@@ -241,7 +252,7 @@ void forward_impl(const Geo& g, const Sparse& sp, const scalar_t* v, const scala
       std::fill(nrm.begin(), nrm.end(), scalar_t(0));
       for (int64_t c = 0; c < g.D; ++c) {
         load_coefficients(g, coef + ((task * g.D + c) * g.A) * g.HW, cpad.data());
-        build_stencils(g, sp, cpad.data(), kbuf.data());
+        build_stencils(g, sp, sp.bank(c), cpad.data(), kbuf.data());
         for (int64_t t : sp.taps) {
           const scalar_t* __restrict__ kt = kbuf.data() + t * g.L;
           scalar_t* __restrict__ n = nrm.data();
@@ -292,7 +303,7 @@ void backward_impl(const Geo& g, const Sparse& sp, const scalar_t* v, const scal
       }
       for (int64_t c = 0; c < g.D; ++c) {
         load_coefficients(g, coef + ((task * g.D + c) * g.A) * g.HW, cpad.data());
-        build_stencils(g, sp, cpad.data(), kbuf.data());
+        build_stencils(g, sp, sp.bank(c), cpad.data(), kbuf.data());
         for (int64_t p = 0; p < g.P; ++p) {      // gyn = gy / n (row-padded), the planes of v (zero-padded)
           const int64_t plane = (((b * g.P + p) * g.J + j) * g.D + c) * g.HW;
           scalar_t* __restrict__ q = gyn.data() + p * g.L;
@@ -309,7 +320,7 @@ void backward_impl(const Geo& g, const Sparse& sp, const scalar_t* v, const scal
         else backward_taps<scalar_t, false, true>(g, sp, kbuf.data(), rnp.data(), gyn.data(), vpad.data(),
                                                   gvpad.data(), dkbuf.data());
         if (gc) {                                  // dcoef_a = sum_t S[a, t] dk_t
-          coefficient_gradient(g, sp, dkbuf.data(), gcpad.data());
+          coefficient_gradient(g, sp.bank(c), dkbuf.data(), gcpad.data());
           for (int64_t a = 0; a < g.A; ++a)
             from_rows(g, gcpad.data() + a * g.L, gc + ((task * g.D + c) * g.A + a) * g.HW);
         }
