@@ -2,13 +2,14 @@
 //
 //   y[b, s, c, g, x] = sum_t k[b, s, g, t, x] * v[b, s, c, g, x + t]      ("same" zero padding)
 //
-// One task per (b, s, g) plane: its K*K kernel planes and the C channel planes of its slice stay in
-// cache while every tap is applied, instead of 25 passes over whole tensors (the tap loop in
-// kit/layers/e4.py, kept as the reference). Forward and the two backward products, float32 and
-// float64; any strides except a contiguous last (W) axis. Same summation order as the tap loop (bit for bit).
+// One task per (b, s, g) plane: its K*K kernel planes and the C channel planes of its slice, copied into
+// row-padded buffers that stay in cache while every tap is applied, instead of 25 passes over whole tensors
+// (the tap loop in kit/kernels/aggregate.py, kept as the reference). Forward and the two backward products,
+// float32 and float64; any strides except a contiguous last (W) axis. Same summation order as the tap loop.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <vector>
 
 namespace {
 
@@ -32,42 +33,78 @@ Geo geometry(const torch::Tensor& v, const torch::Tensor& k) {
   return g;
 }
 
-// calls f(b, s, g) for every plane, in parallel
-template <typename F>
-void planes(const Geo& g, F f) {
-  at::parallel_for(0, g.B * g.S * g.G, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      int64_t gg = p % g.G, s = (p / g.G) % g.S, b = p / (g.G * g.S);
-      f(b, s, gg);
-    }
-  });
+// Maps are held "row-padded" inside a task (as in epdo_stencils.cpp): a plane of H x W values at h Wp + w with
+// Wp = W + 2P (columns w >= W zero), rounded up to whole chunks (L values); input planes zero-padded (value
+// (h, w) at (h + P) Wp + (w + P)). Then tap t of output i reads padded index i + off[t], every tap is one
+// contiguous loop, and the sum over the taps (forward) or the channels (kernel gradient) stays in registers,
+// NV vectors of 64 bytes at a time (GCC vector extensions). Every output element still adds its terms in the
+// tap-loop reference's order (taps ascending for y and gv, channels ascending for gk); an out-of-image tap adds
+// k * 0 = +-0 where the reference adds nothing, which changes no value (bit for bit, up to the sign of a zero).
+constexpr int NV = 4;
+constexpr int64_t kChunkAlign = 64;       // a multiple of every chunk (64 floats, 32 doubles)
+
+template <typename scalar_t>
+struct Vec { typedef scalar_t type __attribute__((vector_size(64))); };
+template <typename scalar_t>
+constexpr int64_t lanes() { return 64 / sizeof(scalar_t); }
+template <typename scalar_t>
+inline typename Vec<scalar_t>::type vload(const scalar_t* p) {
+  typename Vec<scalar_t>::type v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename scalar_t>
+inline void vstore(scalar_t* p, typename Vec<scalar_t>::type v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+struct Pad {
+  int64_t Wp, L, PL;
+  std::vector<int64_t> off;               // per tap: (t / K) Wp + t % K
+};
+
+Pad padding(const Geo& g) {
+  Pad pd;
+  pd.Wp = g.W + 2 * g.P;
+  pd.L = (g.H * pd.Wp + kChunkAlign - 1) / kChunkAlign * kChunkAlign;
+  pd.PL = (g.H + 2 * g.P) * pd.Wp + 2 * g.P + (pd.L - g.H * pd.Wp);
+  for (int64_t t = 0; t < g.T; ++t) pd.off.push_back((t / g.K) * pd.Wp + t % g.K);
+  return pd;
 }
 
-// Loop order (tap, row, channel): one kernel row serves every channel of the slice while it is in L1, and the
-// slice's planes stay in L1 across the taps; the kernel gradient sums the channels in registers, 8 pixels at a
-// time. Every output element still sums its terms in the tap-loop reference's order (taps ascending for y and
-// gv, channels ascending for gk; out-of-image taps skipped), so the results are bit for bit the reference's.
-constexpr int kBlock = 8;
+template <typename scalar_t>
+void load_plane(const Geo& g, const Pad& pd, const scalar_t* src, int64_t row_stride, scalar_t* dst, int64_t at) {
+  for (int64_t h = 0; h < g.H; ++h) std::copy(src + h * row_stride, src + h * row_stride + g.W, dst + at + h * pd.Wp);
+}
 
 template <typename scalar_t>
 void forward_impl(const Geo& g, const scalar_t* v, const scalar_t* k, scalar_t* y, int64_t yh) {
-  planes(g, [&](int64_t b, int64_t s, int64_t gg) {
-    const scalar_t* kp = k + b * g.kb + s * g.ks + gg * g.kg;
-    const scalar_t* v0 = v + b * g.vb + s * g.vs + gg * g.vg;
-    scalar_t* y0 = y + ((((b * g.S + s) * g.C) * g.G + gg) * g.H) * yh;
-    const int64_t ycs = g.G * g.H * yh;                  // channel stride of y (contiguous)
-    for (int64_t t = 0; t < g.T; ++t) {
-      const int64_t di = t / g.K - g.P, dj = t % g.K - g.P;
-      const int64_t h0 = std::max<int64_t>(0, -di), h1 = std::min<int64_t>(g.H, g.H - di);
-      const int64_t w0 = std::max<int64_t>(0, -dj), w1 = std::min<int64_t>(g.W, g.W - dj);
-      const scalar_t* kt = kp + t * g.kt;
-      for (int64_t h = h0; h < h1; ++h) {
-        const scalar_t* __restrict__ kr = kt + h * g.kh;
-        for (int64_t c = 0; c < g.C; ++c) {
-          const scalar_t* __restrict__ vr = v0 + c * g.vc + (h + di) * g.vh + dj;
-          scalar_t* __restrict__ yr = y0 + c * ycs + h * yh;
-          for (int64_t w = w0; w < w1; ++w) yr[w] += kr[w] * vr[w];
+  typedef typename Vec<scalar_t>::type vec;
+  constexpr int64_t VL = lanes<scalar_t>();
+  const Pad pd = padding(g);
+  at::parallel_for(0, g.B * g.S * g.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> kbuf(g.T * pd.L, 0), vpad(g.C * pd.PL, 0), out(pd.L, 0);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t gg = p % g.G, s = (p / g.G) % g.S, b = p / (g.G * g.S);
+      const scalar_t* kp = k + b * g.kb + s * g.ks + gg * g.kg;
+      const scalar_t* v0 = v + b * g.vb + s * g.vs + gg * g.vg;
+      scalar_t* y0 = y + ((((b * g.S + s) * g.C) * g.G + gg) * g.H) * yh;
+      const int64_t ycs = g.G * g.H * yh;                  // channel stride of y (contiguous)
+      for (int64_t t = 0; t < g.T; ++t) load_plane(g, pd, kp + t * g.kt, g.kh, kbuf.data(), t * pd.L);
+      for (int64_t c = 0; c < g.C; ++c) load_plane(g, pd, v0 + c * g.vc, g.vh, vpad.data(), c * pd.PL + g.P * pd.Wp + g.P);
+      for (int64_t c = 0; c < g.C; ++c) {
+        const scalar_t* vc = vpad.data() + c * pd.PL;
+        for (int64_t x0 = 0; x0 < pd.L; x0 += NV * VL) {
+          vec acc[NV];
+          for (int u = 0; u < NV; ++u) acc[u] = vec{};
+          for (int64_t t = 0; t < g.T; ++t) {
+            const scalar_t* kt = kbuf.data() + t * pd.L + x0;
+            const scalar_t* vt = vc + pd.off[t] + x0;
+            for (int u = 0; u < NV; ++u) acc[u] += vload(kt + u * VL) * vload(vt + u * VL);
+          }
+          for (int u = 0; u < NV; ++u) vstore(out.data() + x0 + u * VL, acc[u]);
         }
+        scalar_t* yc = y0 + c * ycs;
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w = 0; w < g.W; ++w) yc[h * yh + w] += out[h * pd.Wp + w];
       }
     }
   });
@@ -76,49 +113,63 @@ void forward_impl(const Geo& g, const scalar_t* v, const scalar_t* k, scalar_t* 
 template <typename scalar_t>
 void backward_impl(const Geo& g, const scalar_t* v, const scalar_t* k, const scalar_t* gy, int64_t gyh,
                    scalar_t* gv, scalar_t* gk) {
-  planes(g, [&](int64_t b, int64_t s, int64_t gg) {
-    const scalar_t* kp = k + b * g.kb + s * g.ks + gg * g.kg;
-    scalar_t* gkp = gk ? gk + b * g.kb + s * g.ks + gg * g.kg : nullptr;
-    const scalar_t* v0 = v + b * g.vb + s * g.vs + gg * g.vg;
-    const int64_t base = ((((b * g.S + s) * g.C) * g.G + gg) * g.H);
-    const scalar_t* gy0 = gy + base * gyh;
-    scalar_t* gv0 = gv ? gv + base * g.W : nullptr;
-    const int64_t gycs = g.G * g.H * gyh, gvcs = g.G * g.H * g.W;   // channel strides (contiguous)
-    for (int64_t t = 0; t < g.T; ++t) {
-      const int64_t di = t / g.K - g.P, dj = t % g.K - g.P;
-      const int64_t h0 = std::max<int64_t>(0, -di), h1 = std::min<int64_t>(g.H, g.H - di);
-      const int64_t w0 = std::max<int64_t>(0, -dj), w1 = std::min<int64_t>(g.W, g.W - dj);
-      for (int64_t h = h0; h < h1; ++h) {
-        const scalar_t* __restrict__ kr = kp + t * g.kt + h * g.kh;
-        if (gv0) {
-          for (int64_t c = 0; c < g.C; ++c) {   // grad_v(x + t) += k_t(x) gy(x)
-            const scalar_t* __restrict__ gr = gy0 + c * gycs + h * gyh;
-            scalar_t* __restrict__ gvr = gv0 + c * gvcs + (h + di) * g.W + dj;
-            for (int64_t w = w0; w < w1; ++w) gvr[w] += kr[w] * gr[w];
-          }
-        }
-        if (gkp) {                   // grad_k_t(x) += sum over the slice's channels of gy(x) v(x + t)
-          scalar_t* __restrict__ gkr = gkp + t * g.kt + h * g.kh;
-          const scalar_t* __restrict__ gr0 = gy0 + h * gyh;
-          const scalar_t* __restrict__ vr0 = v0 + (h + di) * g.vh + dj;
-          int64_t w = w0;
-          for (; w + kBlock <= w1; w += kBlock) {
-            scalar_t acc[kBlock];
-            for (int i = 0; i < kBlock; ++i) acc[i] = gkr[w + i];
-            for (int64_t c = 0; c < g.C; ++c) {
-              const scalar_t* __restrict__ gr = gr0 + c * gycs + w;
-              const scalar_t* __restrict__ vr = vr0 + c * g.vc + w;
-              for (int i = 0; i < kBlock; ++i) acc[i] += gr[i] * vr[i];
+  typedef typename Vec<scalar_t>::type vec;
+  constexpr int64_t VL = lanes<scalar_t>();
+  const Pad pd = padding(g);
+  at::parallel_for(0, g.B * g.S * g.G, 1, [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> kbuf(g.T * pd.L, 0), vpad(g.C * pd.PL, 0), gyp(g.C * pd.L, 0), gvpad(g.C * pd.PL, 0),
+        dk(pd.L, 0);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t gg = p % g.G, s = (p / g.G) % g.S, b = p / (g.G * g.S);
+      const scalar_t* kp = k + b * g.kb + s * g.ks + gg * g.kg;
+      scalar_t* gkp = gk ? gk + b * g.kb + s * g.ks + gg * g.kg : nullptr;
+      const scalar_t* v0 = v + b * g.vb + s * g.vs + gg * g.vg;
+      const int64_t base = ((((b * g.S + s) * g.C) * g.G + gg) * g.H);
+      const scalar_t* gy0 = gy + base * gyh;
+      scalar_t* gv0 = gv ? gv + base * g.W : nullptr;
+      const int64_t gycs = g.G * g.H * gyh, gvcs = g.G * g.H * g.W;   // channel strides (contiguous)
+      if (gv0) {
+        for (int64_t t = 0; t < g.T; ++t) load_plane(g, pd, kp + t * g.kt, g.kh, kbuf.data(), t * pd.L);
+        std::fill(gvpad.begin(), gvpad.end(), scalar_t(0));
+      }
+      if (gkp)
+        for (int64_t c = 0; c < g.C; ++c)
+          load_plane(g, pd, v0 + c * g.vc, g.vh, vpad.data(), c * pd.PL + g.P * pd.Wp + g.P);
+      for (int64_t c = 0; c < g.C; ++c) load_plane(g, pd, gy0 + c * gycs, gyh, gyp.data(), c * pd.L);
+      for (int64_t t = 0; t < g.T; ++t) {
+        const int64_t off = pd.off[t];
+        for (int64_t x0 = 0; x0 < pd.L; x0 += NV * VL) {
+          vec kv[NV], d[NV];
+          if (gv0)
+            for (int u = 0; u < NV; ++u) kv[u] = vload(kbuf.data() + t * pd.L + x0 + u * VL);
+          for (int u = 0; u < NV; ++u) d[u] = vec{};
+          for (int64_t c = 0; c < g.C; ++c) {
+            const scalar_t* q = gyp.data() + c * pd.L + x0;
+            if (gkp) {                        // grad_k_t(x) = sum over the slice's channels of gy(x) v(x + t)
+              const scalar_t* vt = vpad.data() + c * pd.PL + off + x0;
+              for (int u = 0; u < NV; ++u) d[u] += vload(q + u * VL) * vload(vt + u * VL);
             }
-            for (int i = 0; i < kBlock; ++i) gkr[w + i] = acc[i];
+            if (gv0) {                        // grad_v(x + t) += k_t(x) gy(x)
+              scalar_t* gt = gvpad.data() + c * pd.PL + off + x0;
+              for (int u = 0; u < NV; ++u) vstore(gt + u * VL, vload(gt + u * VL) + kv[u] * vload(q + u * VL));
+            }
           }
-          for (; w < w1; ++w) {
-            scalar_t acc = gkr[w];
-            for (int64_t c = 0; c < g.C; ++c) acc += gr0[c * gycs + w] * vr0[c * g.vc + w];
-            gkr[w] = acc;
-          }
+          if (gkp)
+            for (int u = 0; u < NV; ++u) vstore(dk.data() + x0 + u * VL, d[u]);
+        }
+        if (gkp) {
+          scalar_t* gkt = gkp + t * g.kt;
+          for (int64_t h = 0; h < g.H; ++h)
+            for (int64_t w = 0; w < g.W; ++w) gkt[h * g.kh + w] += dk[h * pd.Wp + w];
         }
       }
+      if (gv0)
+        for (int64_t c = 0; c < g.C; ++c) {
+          const scalar_t* src = gvpad.data() + c * pd.PL + g.P * pd.Wp + g.P;
+          scalar_t* dst = gv0 + c * gvcs;
+          for (int64_t h = 0; h < g.H; ++h)
+            for (int64_t w = 0; w < g.W; ++w) dst[h * g.W + w] += src[h * pd.Wp + w];
+        }
     }
   });
 }
