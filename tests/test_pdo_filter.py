@@ -233,22 +233,27 @@ def test_filter_with_one_bank_per_component_equals_the_reference(fused):
         PF.pdo_filter(v, coef, S[:3], 0.01)
 
 
-def _wide_nepdo(G, z, s, method):
+def _wide_nepdo(G, z, s, method, kind="regular", reduction=1):
+    from kit.reps import field_rep
     torch.manual_seed(0)
     kw = {"stencil_kw": {"normalize": False}} if method == "gauss" else {}
-    return E.NeuralEPDOConv(in_type=FieldType(G, "regular", z), out_fields=z, g=4, s=s, method=method, **kw)
+    return E.NeuralEPDOConv(in_type=FieldType(G, field_rep(G, kind), z), out_fields=z, g=4, s=s,
+                            reduction=reduction, method=method, **kw)
 
 
-@pytest.mark.parametrize("G,z,s,method", [(cyclic(16), 24, 1, "gauss"), (cyclic(16), 48, 2, "fd"),
-                                           (dihedral(16), 12, 1, "fd")], ids=str)
-def test_untwisted_generator_is_the_same_layer(fused, G, z, s, method):
-    """A wide Neural ePDO on regular fields generates its coefficients in the untwisted frame (isotypic blocks,
-    rotated banks); output and every gradient equal the dense generator's (``reference_kernels()``) in
-    float64 to 1e-12, and the layer is exactly equivariant at the grid elements."""
+@pytest.mark.parametrize("G,z,s,method,kind,r", [(cyclic(16), 24, 1, "gauss", "regular", 1),
+                                                  (cyclic(16), 48, 2, "fd", "regular", 1),
+                                                  (dihedral(16), 12, 1, "fd", "regular", 1),
+                                                  (cyclic(16), 40, 1, "gauss", "quotient", 2)], ids=str)
+def test_untwisted_generator_is_the_same_layer(fused, G, z, s, method, kind, r):
+    """A wide Neural ePDO generates its coefficients in the untwisted frame (isotypic blocks, rotated banks; the
+    quotient type's 4 extra components densely); output and every gradient equal the dense generator's
+    (``reference_kernels()``) in float64 to 1e-12, and the layer is exactly equivariant at the grid elements."""
     from kit.equivariance import check, max_error
     from kit.kernels import reference_kernels
-    nl = _wide_nepdo(G, z, s, method).double()
-    x = torch.randn(2, z, G.order, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2),
+    nl = _wide_nepdo(G, z, s, method, kind, r).double()
+    d = nl.in_type.dim
+    x = torch.randn(2, z, d, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2),
                     requires_grad=True)
     assert nl.uses_untwisted_generator(x)
     y = nl(x)
@@ -262,11 +267,12 @@ def test_untwisted_generator_is_the_same_layer(fused, G, z, s, method):
     for a, b in ((y, y0), *zip(g1, g0)):
         assert (a - b).abs().max() <= 1e-12 * b.abs().max()
     els = [g for g in G.elements if G.is_exact_on_grid(g)]
-    xs = torch.randn(1, z, G.order, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    xs = torch.randn(1, z, d, 9, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     assert max_error(check(nl.eval(), els, xs)) <= 1e-12
 
 
-def test_untwisted_generator_only_for_regular_fields_and_its_banks_rotate_the_stencils():
+def test_untwisted_generator_needs_a_regular_summand_and_its_banks_rotate_the_stencils():
+    import kit.reps as R
     from kit.reps import coefficient_rep, field_rep
     S, skey = E.pdo_stencil_matrix("fd")
     u = E.untwisted_generator(field_rep(cyclic(16), "regular"), S, skey)
@@ -274,7 +280,9 @@ def test_untwisted_generator_only_for_regular_fields_and_its_banks_rotate_the_st
     Dc = coefficient_rep(cyclic(16)).matrices.double()
     assert torch.allclose(u.banks, Dc.transpose(1, 2) @ S, atol=1e-14)
     assert torch.allclose(u.banks[0], S, atol=1e-14)                   # element 0 is the identity
-    assert E.untwisted_generator(field_rep(cyclic(16), "quotient"), S, skey) is None
+    q = E.untwisted_generator(field_rep(cyclic(16), "quotient"), S, skey)   # regular (+) quotient_4
+    assert q is not None and (len(q.reg), len(q.rest)) == (240, 60) and torch.equal(q.banks[16:], S.expand(4, 15, 25))
+    assert E.untwisted_generator(R.quotient_rep(cyclic(16), 4), S, skey) is None      # no regular summand
     nl = _wide_nepdo(cyclic(16), 8, 4, "fd")                            # narrow: the dense generator
     assert not nl.uses_untwisted_generator(torch.zeros(1, 8, 16, 3, 3))
 

@@ -89,8 +89,8 @@ class EquivariantModule(nn.Module):
 class KernelCache:
     """Mixin: cache a kernel built from parameters, for evaluation only, and never stale.
 
-    The cache is used only in eval mode when no gradient flows to the parameters; it is keyed on
-    each source tensor's storage and in-place version counter (an optimizer step or
+    The cache (one entry per tag) is used only in eval mode when no gradient flows to the parameters; it is
+    keyed on each source tensor's storage and in-place version counter (an optimizer step or
     ``load_state_dict`` bumps the version) and dropped on ``.train()`` / ``.eval()`` and on
     ``.to()`` / ``.cuda()`` / ``.half()``. Under ``torch.compile`` nothing is cached: the kernel
     is part of the compiled graph.
@@ -99,20 +99,24 @@ class KernelCache:
     _kernel_cache = None
 
     def cached_kernel(self, build, *sources: torch.Tensor, tag: str = ""):
-        """``build()``, cached in eval mode under ``tag`` (a layer that builds two different kernels from the
-        same parameters names them apart; one slot, so alternating tags rebuild, never mix)."""
+        """``build()``, cached in eval mode under ``tag`` (a layer that builds several kernels from the same
+        parameters names them apart; one entry per tag)."""
+        cache = self._kernel_cache
         # kit.export: the kernel built (eagerly, before tracing) from the weights is baked in as a constant
-        if _compat.EXPORTING and self._kernel_cache is not None:
-            return self._kernel_cache[1]
+        if _compat.EXPORTING and cache is not None and tag in cache:
+            return cache[tag][1]
         # under torch.compile the kernel is built inside the graph from the live parameters (graph
         # inputs), so a compiled model can never read a stale kernel
         if is_compiling() or self.training or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
             self._kernel_cache = None
             return build()
-        key = (tag, *((t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
-        if self._kernel_cache is None or self._kernel_cache[0] != key:
-            self._kernel_cache = (key, build())
-        return self._kernel_cache[1]
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources)
+        cache = {} if cache is None else cache
+        hit = cache.get(tag)
+        if hit is None or hit[0] != key:
+            hit = cache[tag] = (key, build())
+        self._kernel_cache = cache
+        return hit[1]
 
     def train(self, mode: bool = True):
         self._kernel_cache = None

@@ -121,6 +121,17 @@ class FieldGroupNorm(EquivariantModule):
             self.weight = nn.Parameter(torch.ones(shape))
             self.bias = nn.Parameter(torch.zeros(shape))
 
+    def forward(self, x: torch.Tensor, affine: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Normalise ``x``; ``affine``: per-field ``(weight, bias)`` to use instead of the module's own (a caller
+        that folds an affine of its own into this one, e.g. :class:`kit.layers.epdo.NeuralEPDOConv`;
+        ``per_field`` mode only)."""
+        if affine is None:
+            return EquivariantModule.forward(self, x)
+        if self.affine != "per_field":
+            raise ValueError(f"an affine override needs affine='per_field', this norm has {self.affine!r}")
+        x = self.in_type.check(x, f"{type(self).__name__} input")
+        return F.group_norm(x, self.in_type.n_fields, affine[0], affine[1], self.eps)
+
     def _forward(self, x):                                                  # (B, C, D, H, W)
         C = self.in_type.n_fields
         if self.affine == "per_channel":                                    # (C*D,) affine on (B, C*D, H, W)

@@ -175,52 +175,72 @@ def generator_basis(rho: Representation, S: torch.Tensor, skey: str, *, structur
 
 @dataclass(frozen=True)
 class UntwistedGenerator:
-    """The Neural-ePDO generator of a regular field type in the untwisted frame (:func:`untwisted_generator`).
+    """The Neural-ePDO generator in the untwisted frame (:func:`untwisted_generator`), for field types whose first
+    ``|G|`` components are a regular summand.
 
-    ``blocks (n, 15, S, R, Cc)``: every generator basis element as 15 maps regular -> regular in the isotypic
-    bases of ``plan``; ``banks (d, 15, 25)``: component ``h``'s stencil bank ``D(h)^-T^T S``. Float64."""
+    ``blocks (n_reg, 15, S, R, Cc)``: the basis elements of the regular summand as 15 maps regular -> regular in the
+    isotypic bases of ``plan``; ``reg`` / ``rest``: which basis elements those are and which map to the other
+    components (``rest_basis (n_rest, d - |G|, 15, |G|)``, applied densely; none for regular fields);
+    ``banks (d, 15, 25)``: component ``h``'s stencil bank, ``D(h)^-T^T S`` on the regular summand, ``S`` after it.
+    Float64."""
     plan: isotypic.IsotypicPlan
     blocks: torch.Tensor
     banks: torch.Tensor
+    reg: torch.Tensor
+    rest: torch.Tensor
+    rest_basis: torch.Tensor
 
     def mac_ratio(self, c_in: int, c_out: int) -> float:
         """Multiply-accumulates per pixel against the dense generator, ``c_in`` hidden regular fields to ``c_out``
         coefficient fields (per group)."""
-        return self.plan.mac_ratio(c_in, N_OPS * c_out)
+        G, d = self.plan.q_in.shape[-1], self.banks.shape[0]
+        return (self.plan.mac_ratio(c_in, N_OPS * c_out) * G + (d - G)) / d
 
 
 _UNTWISTED: dict = {}
+#: hidden channels (per generator group) from which :class:`NeuralEPDOConv` generates in the untwisted frame
+UNTWISTED_MIN_CHANNELS = 384
 
 
 def untwisted_generator(rho: Representation, S: torch.Tensor, skey: str) -> UntwistedGenerator | None:
-    """The generator of :class:`NeuralEPDOConv` on regular fields of ``rho`` as a map between regular fields.
+    """The generator of :class:`NeuralEPDOConv` on fields of ``rho`` as (mostly) a map between regular fields.
 
-    A coefficient field transforms as ``rho (x) D^-T`` (``c'_{gh} = D^-T(g) c_h``, component ``h`` of the regular
-    representation is group element ``h``). Untwisting each component, ``chat_h = D^-T(h)^-1 c_h``, gives
-    ``chat'_{gh} = chat_h``: 15 regular fields. So the generator, an equivariant 1x1 map regular -> ``rho (x)
-    D^-T``, is an equivariant 1x1 map regular -> regular^15, block diagonal in the isotypic bases
-    (:mod:`kit.kernels.isotypic`; D16: 128 of 1024 multiply-accumulates per field pair), and the stencils of
-    component ``h`` are ``S^T c_h = (D^-T(h)^T S)^T chat_h``: the rotated bank. No transform back to ``c`` is
-    needed; the PDO filter takes one bank per component. ``None`` unless ``rho`` is a regular representation
-    (or the decomposition could not be verified to 1e-10). Cached per (rho, stencils)."""
+    A coefficient field transforms as ``rho (x) D^-T`` (``c'_{gh} = D^-T(g) c_h`` on a regular summand, whose
+    component ``h`` is group element ``h``). Untwisting each of those components, ``chat_h = D^-T(h)^-1 c_h``,
+    gives ``chat'_{gh} = chat_h``: 15 regular fields. So the generator's part into the regular summand, an
+    equivariant 1x1 map regular -> ``regular (x) D^-T``, is an equivariant 1x1 map regular -> regular^15, block
+    diagonal in the isotypic bases (:mod:`kit.kernels.isotypic`; D16: 128 of 1024 multiply-accumulates per field
+    pair), and the stencils of component ``h`` are ``S^T c_h = (D^-T(h)^T S)^T chat_h``: the rotated bank. No
+    transform back to ``c`` is needed; the PDO filter takes one bank per component. Components after the regular
+    summand (the quotient type's 4) keep their dense generator part (every basis element maps into one summand:
+    checked). ``None`` without a regular summand first, or where the decomposition could not be verified to
+    1e-10. Cached per (rho, stencils)."""
     key = (rep_key(rho), skey)
     if key in _UNTWISTED:
         return _UNTWISTED[key]
     out = None
     G = rho.group
+    n_g = G.order
     reg = regular_rep(G)
-    if rho.dim == G.order and torch.equal(rho.matrices.double(), reg.matrices.double()):
+    M = rho.matrices.double()
+    if (rho.dim >= n_g and torch.equal(M[:, :n_g, :n_g], reg.matrices.double())
+            and not M[:, :n_g, n_g:].any() and not M[:, n_g:, :n_g].any()):
         B = generator_basis(rho, S, skey)                                        # (n, d, 15, |G|)
-        Dc = coefficient_rep(G).matrices.double()                               # (|G|, 15, 15); comp. h = element h
-        Bh = torch.einsum("hba,nhaq->nbhq", torch.linalg.inv(Dc), B)            # (n, 15, d, |G|)
+        on_reg = B[:, :n_g].flatten(1).abs().amax(1) > 0
+        on_rest = (B[:, n_g:].flatten(1).abs() > 0).any(1)
         plan = isotypic.isotypic_plan(reg, reg)
-        if plan is not None:
-            n = B.shape[0]
-            blocks = plan.blocks(Bh.reshape(n * N_OPS, G.order, G.order))        # (n 15, S, R, Cc)
+        if plan is not None and not (on_reg & on_rest).any() and on_reg.any():
+            ri, qi = on_reg.nonzero().flatten(), on_rest.nonzero().flatten()
+            Dc = coefficient_rep(G).matrices.double()                           # (|G|, 15, 15); comp. h = element h
+            Bh = torch.einsum("hba,nhaq->nbhq", torch.linalg.inv(Dc), B[ri, :n_g])   # (n_reg, 15, |G|, |G|)
+            nr = len(ri)
+            blocks = plan.blocks(Bh.reshape(nr * N_OPS, n_g, n_g))               # (n_reg 15, S, R, Cc)
             rebuilt = torch.einsum("sre,nsri,sid->ned", plan.q_out, blocks, plan.q_in)
-            if float((rebuilt - Bh.reshape(n * N_OPS, G.order, G.order)).abs().max()) <= 1e-10:
-                banks = torch.einsum("hab,bt->hat", Dc.transpose(1, 2), S)      # D(h)^T S: (d, 15, 25)
-                out = UntwistedGenerator(plan, blocks.reshape(n, N_OPS, *plan.slots).contiguous(), banks)
+            if float((rebuilt - Bh.reshape(nr * N_OPS, n_g, n_g)).abs().max()) <= 1e-10:
+                banks = torch.cat([torch.einsum("hab,bt->hat", Dc.transpose(1, 2), S),      # D(h)^T S
+                                   S.expand(rho.dim - n_g, *S.shape)])                      # (d, 15, 25)
+                out = UntwistedGenerator(plan, blocks.reshape(nr, N_OPS, *plan.slots).contiguous(),
+                                         banks.contiguous(), ri, qi, B[qi, n_g:].contiguous())
     _UNTWISTED[key] = out
     return out
 
@@ -431,38 +451,52 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
     def untwisted_generator_weight(self) -> torch.Tensor:
         """The generator in the untwisted frame as isotypic blocks ``(S s, (g/s) 15 R, (m/s) Cc)``
         (:func:`untwisted_generator`; cached in eval mode)."""
+        u = self._untwisted
+
         def build():
-            blocks = self._untwisted.blocks.to(self.gen_weight.device, self.gen_weight.dtype)   # (n, 15, S, R, Cc)
-            S, R, Cc = self._untwisted.plan.slots
-            g, mi, _ = self.gen_weight.shape
-            Wh = torch.einsum("jin,nbsrk->sjbrik", self.gen_weight, blocks) * self.scale  # (S, g, 15, R, m/s, Cc)
-            return Wh.reshape(S * self.s, (g // self.s) * N_OPS * R, mi * Cc)
+            w = self.gen_weight
+            blocks = u.blocks.to(w.device, w.dtype)                            # (n_reg, 15, S, R, Cc)
+            S, R, Cc = u.plan.slots
+            g, mi, _ = w.shape
+            Wh = torch.einsum("jin,nbsrk->sjbrik", w[..., u.reg.to(w.device)], blocks) * self.scale
+            return Wh.reshape(S * self.s, (g // self.s) * N_OPS * R, mi * Cc)  # from (S, g, 15, R, m/s, Cc)
         return self.cached_kernel(build, self.gen_weight, tag="untwisted")
 
-    def uses_untwisted_generator(self, x: torch.Tensor) -> bool:
-        """Whether a forward on ``x`` generates the coefficients in the untwisted frame (regular fields, a wide
-        generator on the CPU, outside :func:`kit.kernels.reference_kernels` and :func:`kit.export`):
-        :func:`untwisted_generator`."""
+    def _rest_generator_weight(self) -> torch.Tensor:
+        """The dense generator part into the components after the regular summand: ``(g d_rest 15, (m/s) |G|, 1,
+        1)`` (cached in eval mode)."""
         u = self._untwisted
-        if u is None or _compat.REFERENCE_KERNELS or _compat.EXPORTING or x.device.type != "cpu":
+
+        def build():
+            w = self.gen_weight
+            Wc = torch.einsum("jin,ncaq->jcaiq", w[..., u.rest.to(w.device)], u.rest_basis.to(w.device, w.dtype))
+            g, d, A, i, q = Wc.shape
+            return Wc.reshape(g * d * A, i * q, 1, 1) * self.scale
+        return self.cached_kernel(build, self.gen_weight, tag="untwisted-rest")
+
+    def uses_untwisted_generator(self, x: torch.Tensor) -> bool:
+        """Whether a forward on ``x`` generates the coefficients in the untwisted frame (a regular summand, a
+        wide generator on the CPU, outside :func:`kit.kernels.reference_kernels`): :func:`untwisted_generator`."""
+        u = self._untwisted
+        if u is None or _compat.REFERENCE_KERNELS or x.device.type != "cpu":
             return False
         G = self.in_type.group.order
         mi = self.hidden // self.s
-        return (mi * G >= isotypic.MIN_CHANNELS
+        return (mi * G >= UNTWISTED_MIN_CHANNELS
                 and u.mac_ratio(mi, self.g // self.s) <= isotypic.MAX_MAC_RATIO)
 
     def hidden_features(self, x: torch.Tensor) -> torch.Tensor:
         """``h = ReLU(norm(conv1x1(x)))``: ``(B, m, |G|, H, W)``. The public code's extra per-field affine is
-        folded into the GroupNorm's (``s (w n + b) + t = (s w) n + (s b + t)``) and the ReLU runs in place:
-        one pass over ``h`` instead of four (:func:`kit.kernels.reference_kernels`: the three separate ops)."""
+        folded into the GroupNorm's (``s (w n + b) + t = (s w) n + (s b + t)``, passed to :class:`FieldGroupNorm`
+        as its affine): one pass over ``h`` instead of three (:func:`kit.kernels.reference_kernels`: separate ops)."""
         h = self.reduce(x)                                                      # (B, m, |G|, H, W)
-        if _compat.REFERENCE_KERNELS or self.norm.affine != "per_field":
+        if _compat.REFERENCE_KERNELS:
             h = self.norm(h)
             h = h * self.norm_scale[:, None, None, None] + self.norm_shift[:, None, None, None]
-            return F.relu(h)
-        w = self.norm.weight * self.norm_scale
-        b = self.norm.bias * self.norm_scale + self.norm_shift
-        return F.relu(F.group_norm(h, self.hidden, w, b, self.norm.eps), inplace=True)
+        else:
+            n = self.norm
+            h = n(h, (n.weight * self.norm_scale, n.bias * self.norm_scale + self.norm_shift))
+        return F.relu(h)
 
     def _coefficients(self, x: torch.Tensor) -> torch.Tensor:
         """The generator's PDO coefficients ``(B, g*d*15, H, W)`` (input type checked)."""
@@ -518,7 +552,10 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
             self.in_type.check(x, f"{type(self).__name__} input")
             h = self.hidden_features(x)                                          # (B, m, |G|, H, W)
             c = isotypic.isotypic_conv1x1(h, self.untwisted_generator_weight(), self._untwisted.plan,
-                                          groups=self.s, inner=N_OPS)           # (B, g, d, 15, H, W)
+                                          groups=self.s, inner=N_OPS)           # (B, g, |G|, 15, H, W)
+            if len(self._untwisted.rest):                                        # the quotient type's 4 more
+                cr = conv1x1(h.flatten(1, 2), self._rest_generator_weight(), groups=self.s)
+                c = torch.cat([c, cr.view(Bn, g, d - c.shape[2], N_OPS, H, W)], dim=2)   # (B, g, d, 15, H, W)
             S = self._untwisted.banks.to(x.device, x.dtype)                      # (d, 15, 25)
         else:
             c = self._coefficients(x).view(Bn, g, d, N_OPS, H, W)               # (B, g, d, 15, H, W)
