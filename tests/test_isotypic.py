@@ -22,6 +22,7 @@ from kit.kernels import reference_kernels
 from kit.kernels.intertwiners import intertwiner_basis
 from kit.layers.epdo import EquivariantConv1x1
 from kit.reps import field_rep, quotient_rep
+from conftest import built_or_skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -168,12 +169,7 @@ def test_compiled_isotypic_map_is_captured_whole_and_matches_eager():
 # ------------------------------------------------------------------ the fused basis changes (C++)
 @pytest.fixture(scope="module")
 def fused_transforms():
-    import shutil
-    if I.fused_isotypic_extension() is None:
-        if shutil.which("c++") or shutil.which("g++"):
-            pytest.fail("a C++ compiler is here, the fused isotypic basis changes must build")
-        pytest.skip("no C++ compiler: the plain-PyTorch basis changes are used")
-    return I.fused_isotypic_extension()
+    return built_or_skip(I.fused_isotypic_extension(), "isotypic basis changes")
 
 
 @pytest.mark.parametrize("G", [C16, D16], ids=str)

@@ -12,7 +12,6 @@
   equivariant, never stale in eval mode, and captured whole by ``torch.compile``; float64 layers use the exact
   float64 basis and stencils.
 """
-import shutil
 
 import pytest
 import torch
@@ -24,17 +23,14 @@ from kit.kernels import pdo_filter as PF
 from kit.layers import epdo as E
 from kit.layers.base import POINTWISE_MATMUL_MIN_PIXELS, conv1x1
 from kit.measure.timing import peak_memory
+from conftest import built_or_skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def fused():
-    if PF.fused_pdo_extension() is None:
-        if shutil.which("c++") or shutil.which("g++"):
-            pytest.fail("a C++ compiler is here, the fused PDO filter must build")
-        pytest.skip("no C++ compiler: the layer uses the reference")
-    return PF.fused_pdo_extension()
+    return built_or_skip(PF.fused_pdo_extension(), "PDO filter")
 
 
 def _banks():

@@ -179,34 +179,23 @@ def fused_isotypic_extension():
     return build_extension("eqkit_isotypic", "isotypic.cpp", fma=True)
 
 
-class _ToSlots(torch.autograd.Function):
-    """``x (B, C, d, K, P) -> t (S, C, K, Cc, B, P)``, ``t = Q x`` per field (C++; the adjoint is its backward)."""
+class _SlotChange(torch.autograd.Function):
+    """The fused basis changes (C++), each the other's adjoint and so its backward: ``into=True``
+    ``x (B, C, d, K, P) -> t (S, C, K, Cc, B, P)``, ``t = Q x`` per field; ``into=False`` the way back, ``Q^T t``."""
 
     @staticmethod
-    def forward(ctx, x, q):
+    def forward(ctx, x, q, into: bool):
         ctx.save_for_backward(q)
-        return fused_isotypic_extension().to_slots(x, q)
+        ctx.into = into
+        ext = fused_isotypic_extension()
+        return ext.to_slots(x, q) if into else ext.from_slots(x, q)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gt):
+    def backward(ctx, g):
         (q,) = ctx.saved_tensors
-        return fused_isotypic_extension().from_slots(gt, q), None
-
-
-class _FromSlots(torch.autograd.Function):
-    """``t (S, C, K, Cc, B, P) -> x (B, C, d, K, P)``, ``x = Q^T t`` per field (C++)."""
-
-    @staticmethod
-    def forward(ctx, t, q):
-        ctx.save_for_backward(q)
-        return fused_isotypic_extension().from_slots(t, q)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gx):
-        (q,) = ctx.saved_tensors
-        return fused_isotypic_extension().to_slots(gx, q), None
+        ext = fused_isotypic_extension()
+        return (ext.from_slots(g, q) if ctx.into else ext.to_slots(g, q)), None, None
 
 
 def _fused(x: torch.Tensor) -> bool:
@@ -235,9 +224,9 @@ def isotypic_conv1x1(x: torch.Tensor, weight_hat: torch.Tensor, plan: IsotypicPl
         fused = _fused(x)
     if fused:
         q_in, q_out = plan.q_in.to(x.dtype), plan.q_out.to(x.dtype)
-        t = _ToSlots.apply(x.reshape(B, C, d_in, 1, P), q_in)                    # (S, C, 1, Cc, B, P)
+        t = _SlotChange.apply(x.reshape(B, C, d_in, 1, P), q_in, True)           # (S, C, 1, Cc, B, P)
         y = torch.bmm(weight_hat, t.view(S * groups, (C // groups) * Cc, B * P))  # (S groups, O/groups R, B P)
-        y = _FromSlots.apply(y.view(S, O // inner, inner, R, B, P), q_out)      # (B, O/inner, d_out, inner, P)
+        y = _SlotChange.apply(y.view(S, O // inner, inner, R, B, P), q_out, False)   # (B, O/inner, d_out, inner, P)
         return y.view(B, O, -1, H, W) if inner == 1 else y.view(B, O // inner, -1, inner, H, W)
     q_in = plan.q_in.to(x.dtype).reshape(S * Cc, d_in)
     q_out = plan.q_out.to(x.dtype).reshape(S * R, -1)

@@ -7,6 +7,7 @@
 // (the tap loop in kit/kernels/aggregate.py, kept as the reference). Forward and the two backward products,
 // float32 and float64; any strides except a contiguous last (W) axis. Same summation order as the tap loop.
 #include <torch/extension.h>
+#include "simd.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <vector>
@@ -43,18 +44,10 @@ Geo geometry(const torch::Tensor& v, const torch::Tensor& k) {
 constexpr int NV = 4;
 constexpr int64_t kChunkAlign = 64;       // a multiple of every chunk (64 floats, 32 doubles)
 
-template <typename scalar_t>
-struct Vec { typedef scalar_t type __attribute__((vector_size(64))); };
-template <typename scalar_t>
-constexpr int64_t lanes() { return 64 / sizeof(scalar_t); }
-template <typename scalar_t>
-inline typename Vec<scalar_t>::type vload(const scalar_t* p) {
-  typename Vec<scalar_t>::type v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename scalar_t>
-inline void vstore(scalar_t* p, typename Vec<scalar_t>::type v) { __builtin_memcpy(p, &v, sizeof(v)); }
+using eqkit::Vec;
+using eqkit::lanes;
+using eqkit::vload;
+using eqkit::vstore;
 
 struct Pad {
   int64_t Wp, L, PL;

@@ -21,6 +21,7 @@
 //   dL/dcoef_a(x)   = sum_t S[a, t] dL/dk_t(x)             (after every tap's dL/dk_t, chunk by chunk)
 //   dL/dv(x + t)   += k_t(x) gyn(x)
 #include <torch/extension.h>
+#include "simd.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <vector>
@@ -135,18 +136,10 @@ void from_padded(const Geo& g, const scalar_t* src, scalar_t* dst) {        // z
 // NV vectors of 64 bytes (16 floats / 8 doubles) per chunk, held in registers (GCC vector extensions);
 // kChunkAlign is a multiple of every chunk (64 floats, 32 doubles), so maps hold whole chunks.
 constexpr int NV = 4;
-template <typename scalar_t>
-struct Vec { typedef scalar_t type __attribute__((vector_size(64))); };
-template <typename scalar_t>
-constexpr int64_t lanes() { return 64 / sizeof(scalar_t); }
-template <typename scalar_t>
-inline typename Vec<scalar_t>::type vload(const scalar_t* p) {
-  typename Vec<scalar_t>::type v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename scalar_t>
-inline void vstore(scalar_t* p, typename Vec<scalar_t>::type v) { __builtin_memcpy(p, &v, sizeof(v)); }
+using eqkit::Vec;
+using eqkit::lanes;
+using eqkit::vload;
+using eqkit::vstore;
 
 // out[r][x0 + x] = sum_e val[e] in[idx[e]][x0 + x] over the entries [e0, e1) (in the given order), for
 // x < lanes * NV: one row of the products k = S^T c (rows taps) or dc = S dk (rows operators)

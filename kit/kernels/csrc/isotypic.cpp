@@ -8,24 +8,17 @@
 // Vectors of 64 bytes (GCC vector extensions), four output rows at a time (four independent sums); the tail of
 // a row (P not a multiple of the vector) as scalars. float32 / float64. Tested against the PyTorch path.
 #include <torch/extension.h>
+#include "simd.h"
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <vector>
 
 namespace {
 
-template <typename scalar_t>
-struct Vec { typedef scalar_t type __attribute__((vector_size(64))); };
-template <typename scalar_t>
-constexpr int64_t lanes() { return 64 / sizeof(scalar_t); }
-template <typename scalar_t>
-inline typename Vec<scalar_t>::type vload(const scalar_t* p) {
-  typename Vec<scalar_t>::type v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-template <typename scalar_t>
-inline void vstore(scalar_t* p, typename Vec<scalar_t>::type v) { __builtin_memcpy(p, &v, sizeof(v)); }
+using eqkit::Vec;
+using eqkit::lanes;
+using eqkit::vload;
+using eqkit::vstore;
 
 // out[r][0:P) = sum_e W[r][e] in[e][0:P) for the M rows r, where row r of out starts at out_ptr[r] and row e of
 // in at in_ptr[e] (every row contiguous); W (M, E) row-major
