@@ -5,7 +5,7 @@
 //
 // The plain-PyTorch path (a batched matmul, then a permuted copy) passes over the tensor four times and
 // allocates twice; here each output value is written once, from a chunk of its input that stays in L1.
-// Vectors of 64 bytes (GCC vector extensions), four output rows at a time (four independent sums); the tail of
+// Vectors of 64 bytes (GCC vector extensions), eight output rows at a time (eight independent sums); the tail of
 // a row (P not a multiple of the vector) as scalars. float32 / float64. Tested against the PyTorch path.
 #include <torch/extension.h>
 #include "simd.h"
@@ -20,39 +20,41 @@ using eqkit::lanes;
 using eqkit::vload;
 using eqkit::vstore;
 
-// out[r][0:P) = sum_e W[r][e] in[e][0:P) for the M rows r, where row r of out starts at out_ptr[r] and row e of
-// in at in_ptr[e] (every row contiguous); W (M, E) row-major
+// out[r][0:P) = sum_e W[r][e] in[e][0:P) for rows r0 .. r0 + NR - 1 (NR independent sums in registers, each input
+// vector loaded once for all of them); row r of out starts at out_ptr[r], row e of in at in_ptr[e] (every row
+// contiguous); W (M, E) row-major. The tail of a row (P not a multiple of the vector) as scalars.
+template <typename scalar_t, int NR>
+inline void rows_block(const std::vector<const scalar_t*>& in_ptr, const std::vector<scalar_t*>& out_ptr,
+                       const scalar_t* W, int64_t r0, int64_t E, int64_t P) {
+  typedef typename Vec<scalar_t>::type vec;
+  constexpr int64_t VL = lanes<scalar_t>();
+  const scalar_t* w0 = W + r0 * E;
+  int64_t p0 = 0;
+  for (; p0 + VL <= P; p0 += VL) {
+    vec acc[NR];
+    for (int u = 0; u < NR; ++u) acc[u] = vec{};
+    for (int64_t e = 0; e < E; ++e) {
+      const vec xv = vload(in_ptr[e] + p0);
+      for (int u = 0; u < NR; ++u) acc[u] += w0[u * E + e] * xv;
+    }
+    for (int u = 0; u < NR; ++u) vstore(out_ptr[r0 + u] + p0, acc[u]);
+  }
+  for (; p0 < P; ++p0)
+    for (int u = 0; u < NR; ++u) {
+      scalar_t acc = 0;
+      for (int64_t e = 0; e < E; ++e) acc += w0[u * E + e] * in_ptr[e][p0];
+      out_ptr[r0 + u][p0] = acc;
+    }
+}
+
+// all M rows: blocks of 8, then 4, then single rows
 template <typename scalar_t>
 void small_matmul(const std::vector<const scalar_t*>& in_ptr, const std::vector<scalar_t*>& out_ptr,
                   const scalar_t* W, int64_t M, int64_t E, int64_t P) {
-  typedef typename Vec<scalar_t>::type vec;
-  constexpr int64_t VL = lanes<scalar_t>();
   int64_t r = 0;
-  for (; r + 4 <= M; r += 4) {
-    const scalar_t* w0 = W + r * E;
-    int64_t p0 = 0;
-    for (; p0 + VL <= P; p0 += VL) {
-      vec a0 = vec{}, a1 = vec{}, a2 = vec{}, a3 = vec{};
-      for (int64_t e = 0; e < E; ++e) {
-        const vec xv = vload(in_ptr[e] + p0);
-        a0 += w0[e] * xv; a1 += w0[E + e] * xv; a2 += w0[2 * E + e] * xv; a3 += w0[3 * E + e] * xv;
-      }
-      vstore(out_ptr[r] + p0, a0); vstore(out_ptr[r + 1] + p0, a1);
-      vstore(out_ptr[r + 2] + p0, a2); vstore(out_ptr[r + 3] + p0, a3);
-    }
-    for (; p0 < P; ++p0)
-      for (int u = 0; u < 4; ++u) {
-        scalar_t acc = 0;
-        for (int64_t e = 0; e < E; ++e) acc += w0[u * E + e] * in_ptr[e][p0];
-        out_ptr[r + u][p0] = acc;
-      }
-  }
-  for (; r < M; ++r)
-    for (int64_t p0 = 0; p0 < P; ++p0) {
-      scalar_t acc = 0;
-      for (int64_t e = 0; e < E; ++e) acc += W[r * E + e] * in_ptr[e][p0];
-      out_ptr[r][p0] = acc;
-    }
+  for (; r + 8 <= M; r += 8) rows_block<scalar_t, 8>(in_ptr, out_ptr, W, r, E, P);
+  for (; r + 4 <= M; r += 4) rows_block<scalar_t, 4>(in_ptr, out_ptr, W, r, E, P);
+  for (; r < M; ++r) rows_block<scalar_t, 1>(in_ptr, out_ptr, W, r, E, P);
 }
 
 struct Dims { int64_t B, C, D, K, P, S, Cc; };
