@@ -322,3 +322,19 @@ def test_compiled_untwisted_layer_is_captured_whole_and_matches_eager(fused):
     ge = torch.autograd.grad(y, list(nl.parameters()), gy)
     gc = torch.autograd.grad(yc, list(nl.parameters()), gy)
     assert all(float((a - b).norm() / b.norm()) <= 1e-5 for a, b in zip(gc, ge))
+
+
+def test_group_norm_affine_override_is_the_folded_affine():
+    """``FieldGroupNorm(x, affine=(w, b))`` (how the Neural ePDO folds its extra affine into the norm's):
+    ``s (w n + b) + t`` equals the norm with ``(s w, s b + t)``; only the per-field mode takes an override."""
+    from kit.layers.e4 import FieldGroupNorm
+    t = FieldType(cyclic(4), "regular", 3)
+    gn = FieldGroupNorm(t).double()
+    with torch.no_grad():
+        gn.weight.normal_(), gn.bias.normal_()
+    s, sh = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    x = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64)
+    two_steps = gn(x) * s[:, None, None, None] + sh[:, None, None, None]
+    assert torch.allclose(gn(x, (gn.weight * s, gn.bias * s + sh)), two_steps, atol=1e-12)
+    with pytest.raises(ValueError, match="per_field"):
+        FieldGroupNorm(t, affine="per_channel")(x.float(), (s.float(), sh.float()))
