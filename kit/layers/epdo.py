@@ -412,7 +412,7 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         B = generator_basis(in_type.rep, S, skey)                               # (n, d, 15, |G|)
         self.register_buffer("gen_basis", B.float(), persistent=False)
         self.register_buffer("stencils", S.float(), persistent=False)           # (15, 25)
-        self._exact = (B, S)            # float64 originals (B shared with the basis cache): float64 runs use them
+        self._exact = (S, skey)         # float64 originals for float64 runs (the basis from the in-process cache)
         self._untwisted = untwisted_generator(in_type.rep, S, skey)            # None unless regular fields
         n = B.shape[0]
         # conv2: g output fields, m/s hidden fields per group, n basis coefficients: (m/s) g n
@@ -441,7 +441,9 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
         through float32 in two different bases)."""
         w = self.gen_weight
         if w.dtype == torch.float64:
-            return self._exact[0 if name == "gen_basis" else 1].to(w.device)
+            S, skey = self._exact
+            exact = generator_basis(self.in_type.rep, S, skey) if name == "gen_basis" else S
+            return exact.to(w.device)
         return getattr(self, name).to(w.dtype)
 
     def stencil_bank(self) -> torch.Tensor:
