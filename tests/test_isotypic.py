@@ -22,7 +22,7 @@ from kit.kernels import reference_kernels
 from kit.kernels.intertwiners import intertwiner_basis
 from kit.layers.epdo import EquivariantConv1x1
 from kit.reps import field_rep, quotient_rep
-from conftest import built_or_skip
+from fused_helpers import built_or_skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -23,7 +23,7 @@ from kit.kernels import pdo_filter as PF
 from kit.layers import epdo as E
 from kit.layers.base import POINTWISE_MATMUL_MIN_PIXELS, conv1x1
 from kit.measure.timing import peak_memory
-from conftest import built_or_skip
+from fused_helpers import built_or_skip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
