@@ -7,6 +7,9 @@
 * a Neural ePDO layer's output and every parameter gradient are the same through either path;
 * its training step at the benchmark size keeps at most half the reference's peak memory;
 * ``conv1x1`` is ``F.conv2d`` (groups, bias, small and large maps, strided inputs);
+* the generator's GEMM fused into the filter a chunk of images at a time (``generated_pdo_filter``, maps of
+  >= 196 pixels) is generate-then-filter in float64 (output, every gradient; uneven chunks, generator groups,
+  one bank per component), what the layer runs there, keeps less memory, and compiles (the unfused form);
 * the generator in the untwisted frame (wide layers on regular fields: isotypic blocks and one rotated stencil
   bank per component) is the same layer as the dense generator in float64 (output, every gradient), exactly
   equivariant, never stale in eval mode, and captured whole by ``torch.compile``; float64 layers use the exact
@@ -102,9 +105,11 @@ def test_layer_through_either_path_is_the_same(fused, monkeypatch):
     assert all(float((a - b).norm() / b.norm()) < 1e-12 for a, b in zip(g, g0))
 
 
-def test_layer_training_memory_is_at_most_half_the_reference(fused, monkeypatch):
+def test_layer_training_memory_is_at_most_half_the_reference(fused):
     """At the benchmark's size (16 images, 4 C16 fields = 64 channels, 28 x 28): the reference keeps the
-    stencils (25/15 the coefficients), their sign and the normalised output; the fused path does not."""
+    coefficients, the stencils (25/15 the coefficients), their sign and the normalised output; the fused path
+    keeps none of them (the generator runs inside the filter, chunk by chunk)."""
+    from kit.kernels import reference_kernels
     G = cyclic(16)
     nl = E.NeuralEPDOConv(in_type=FieldType(G, "regular", 4), out_fields=4, g=4, s=4, method="fd")
     x = torch.randn(16, 4, 16, 28, 28)
@@ -112,11 +117,11 @@ def test_layer_training_memory_is_at_most_half_the_reference(fused, monkeypatch)
     def step():
         nl.zero_grad(set_to_none=True)
         nl(x).square().mean().backward()
-    peaks = {}
-    for name, f in (("fused", PF.pdo_filter), ("reference", PF.pdo_filter_reference)):
-        monkeypatch.setattr(E, "pdo_filter", f)
+    step()
+    peaks = {"fused": peak_memory(step)}
+    with reference_kernels():
         step()
-        peaks[name] = peak_memory(step)
+        peaks["reference"] = peak_memory(step)
     assert peaks["fused"] <= 0.5 * peaks["reference"], peaks
 
 
@@ -183,6 +188,7 @@ def test_reference_kernels_runs_every_reference_path_and_gives_the_same_model(fu
         raise AssertionError("a fused kernel ran inside reference_kernels()")
     monkeypatch.setattr(A._FusedAggregation, "apply", refuse)
     monkeypatch.setattr(A._GeneratedAggregation, "apply", refuse)
+    monkeypatch.setattr(PF._GeneratedPDOFilter, "apply", refuse)
     monkeypatch.setattr(PF, "fused_op", lambda: type("Op", (), {"__call__": refuse})())
     from kit.kernels import isotypic
     assert any(m.uses_isotypic(torch.zeros(1, m.in_type.n_fields, m.in_type.dim, 14, 14))
@@ -338,3 +344,119 @@ def test_group_norm_affine_override_is_the_folded_affine():
     assert torch.allclose(gn(x, (gn.weight * s, gn.bias * s + sh)), two_steps, atol=1e-12)
     with pytest.raises(ValueError, match="per_field"):
         FieldGroupNorm(t, affine="per_channel")(x.float(), (s.float(), sh.float()))
+
+
+# ------------------------------------------------ the generator's GEMM fused into the filter (large maps)
+def _generated_case(s, bank, g=3, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(11 + s)
+    B, P, J, D, H, W, ci = 5, 2, 4, 3, 6, 7, 3
+    S = _banks()[bank] if bank != "per-component" else torch.randn(D, 15, 25, generator=gen, dtype=torch.float64)
+    v = torch.randn(B, P, J, D, H, W, generator=gen, dtype=dtype, requires_grad=True)
+    h = torch.randn(B, s * ci, H, W, generator=gen, dtype=dtype, requires_grad=True)
+    w = torch.randn(s, J * D * 15 // s, ci, generator=gen, dtype=dtype, requires_grad=True)
+    return v, h, w, S
+
+
+@pytest.mark.parametrize("s,bank", [(1, "gauss"), (2, "fd"), (4, "custom"), (1, "per-component")])
+def test_generated_filter_is_generate_then_filter_in_float64(fused, s, bank):
+    """``generated_pdo_filter`` (chunks of one, two (uneven: 5 images) and all images) equals the 1x1 generator
+    followed by the reference filter: output and the gradients of v, h and the generator weight to 1e-12."""
+    v, h, w, S = _generated_case(s, bank)
+    B, P, J, D, H, W = v.shape
+    coef = conv1x1(h, w.reshape(-1, w.shape[2], 1, 1), groups=s).view(B, J, D, 15, H, W)
+    y0 = PF.pdo_filter_reference(v, coef, S, 0.01)
+    gy = torch.randn(y0.shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    g0 = torch.autograd.grad(y0, (v, h, w), gy)
+    per_image = w.shape[0] * w.shape[1] * H * W * 8
+    for chunk in (1, 2 * per_image, 10 ** 9):
+        y = PF.generated_pdo_filter(v, h, w, S, 0.01, chunk_bytes=chunk)
+        assert type(y.grad_fn).__name__.startswith("_GeneratedPDOFilter")
+        g1 = torch.autograd.grad(y, (v, h, w), gy)
+        for a, b in ((y, y0), *zip(g1, g0)):
+            assert (a - b).abs().max() <= 1e-12 * b.abs().max(), (chunk, s, bank)
+
+
+def test_generated_filter_gradcheck_and_only_the_needed_gradients(fused):
+    v, h, w, S = _generated_case(2, "fd")
+    v, h, w = v[:2, :, :, :, :3, :4].detach(), h[:2, :, :3, :4].detach(), w.detach()
+    for need in ((True, True, True), (False, True, False), (True, False, True)):
+        args = [t.clone().requires_grad_(r) for t, r in zip((v, h, w), need)]
+        assert torch.autograd.gradcheck(lambda *a: PF.generated_pdo_filter(*a, S, 0.01, chunk_bytes=1), args)
+
+
+def test_generated_filter_names_bad_shapes():
+    v, h, w, S = _generated_case(2, "fd")
+    with pytest.raises(ValueError, match=r"h \(B, s ci, H, W\) and w \(s, R, ci\)"):
+        PF.generated_pdo_filter(v, h[:, :5], w, S, 0.01)
+    with pytest.raises(ValueError, match=r"s R = g d A"):
+        PF.generated_pdo_filter(v, h, w[:, :-1], S, 0.01)
+
+
+def test_layer_on_large_maps_runs_the_generator_inside_the_filter(fused, monkeypatch):
+    """From ``GENERATED_MIN_PIXELS`` on, the layer's coefficients are generated inside the filter (and never as a
+    whole tensor); the layer is the same float64 operator as under ``reference_kernels()`` (output, every
+    parameter gradient, the input's), and stays exactly equivariant."""
+    from kit.equivariance import check, max_error
+    from kit.kernels import reference_kernels
+    nl = _layer()
+    side = int(E.GENERATED_MIN_PIXELS ** 0.5) + 1
+    x = torch.randn(3, 4, 8, side, side - 1, dtype=torch.float64, generator=torch.Generator().manual_seed(13),
+                    requires_grad=True)
+    calls = []
+    real = PF._GeneratedPDOFilter.apply
+    monkeypatch.setattr(PF._GeneratedPDOFilter, "apply", lambda *a: calls.append(1) or real(*a))
+    y = nl(x)
+    assert calls == [1]
+    gy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    params = [x] + list(nl.parameters())
+    g1 = torch.autograd.grad(y, params, gy)
+    with reference_kernels():
+        y0 = nl(x)
+        g0 = torch.autograd.grad(y0, params, gy)
+    assert calls == [1]
+    for a, b in ((y, y0), *zip(g1, g0)):
+        assert (a - b).abs().max() <= 1e-12 * b.abs().max()
+    small = torch.randn(1, 4, 8, 9, 9, dtype=torch.float64)
+    nl(small)
+    assert calls == [1]                                                  # small maps: generate, then filter
+    els = [g for g in nl.in_type.group.elements if nl.in_type.group.is_exact_on_grid(g)]
+    xs = torch.randn(1, 4, 8, side, side, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    assert max_error(check(nl.eval(), els, xs)) <= 1e-12
+
+
+def test_generated_filter_keeps_less_than_generate_then_filter(fused, monkeypatch):
+    """The layer's training step at the quotient model's first Neural-ePDO size (12 fields of d = 20, reduction
+    2, 28 x 28, 8 images): generating inside the filter keeps neither the coefficients (1200 per pixel) nor
+    their gradient; the peak drops by at least the coefficients' size."""
+    from kit.reps import field_rep
+    G = cyclic(16)
+    nl = E.NeuralEPDOConv(in_type=FieldType(G, field_rep(G, "quotient"), 12), out_fields=16, g=4, s=1, reduction=2,
+                          method="gauss")
+    x = torch.randn(8, 12, 20, 28, 28)
+
+    def step():
+        nl.zero_grad(set_to_none=True)
+        nl(x).square().mean().backward()
+    peaks = {}
+    for name, pixels in (("generated", E.GENERATED_MIN_PIXELS), ("whole", 10 ** 9)):
+        monkeypatch.setattr(E, "GENERATED_MIN_PIXELS", pixels)
+        step()
+        peaks[name] = peak_memory(step)
+    coefficients = 8 * 4 * 20 * 15 * 28 * 28 * 4                           # bytes (float32)
+    assert peaks["generated"] <= peaks["whole"] - coefficients, (peaks, coefficients)
+
+
+def test_compiled_layer_on_large_maps_is_captured_whole_and_matches_eager(fused):
+    """Under ``torch.compile`` the large-map layer generates the coefficients whole and runs the custom operator
+    (no graph break); output and gradients match the eager, chunked layer."""
+    torch._dynamo.reset()
+    nl = _layer().float()
+    side = int(E.GENERATED_MIN_PIXELS ** 0.5) + 1
+    x = torch.randn(2, 4, 8, side, side, generator=torch.Generator().manual_seed(16))
+    c = torch.compile(nl, backend="aot_eager", fullgraph=True, dynamic=False)
+    y, yc = nl(x), c(x)
+    assert float((yc - y).norm() / y.norm()) < 1e-5
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(17))
+    ge = torch.autograd.grad(y, list(nl.parameters()), gy)
+    gc = torch.autograd.grad(yc, list(nl.parameters()), gy)
+    assert all(float((a - b).norm() / b.norm()) < 1e-5 for a, b in zip(gc, ge))

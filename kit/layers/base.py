@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .. import _compat
 from .._compat import is_compiling
 from ..fields import FieldType
+from ..kernels import bn_relu as _bn_relu
 
 __all__ = ["EquivariantModule", "KernelCache", "EquivariantSequential", "FieldReLU", "GroupBatchNorm",
            "GroupPool", "SpatialPool", "InvariantHead", "field_conv2d", "conv1x1"]
@@ -176,8 +177,15 @@ class EquivariantSequential(EquivariantModule):
         self.in_type, self.out_type = modules[0].in_type, modules[-1].out_type
 
     def _forward(self, x):
-        for m in self.layers:
+        layers, i = self.layers, 0
+        while i < len(layers):
+            m = layers[i]
+            fused = _fused_norm_relu(layers, i, x)                 # BN -> ReLU [-> field dropout] in one op
+            if fused is not None:
+                x, i = fused
+                continue
             x = m(x)
+            i += 1
         return x
 
     def stage_features(self, x: torch.Tensor, stage: int = 1) -> torch.Tensor:
@@ -198,6 +206,35 @@ class EquivariantSequential(EquivariantModule):
 
     def __len__(self):
         return len(self.layers)
+
+
+def _hooked(*modules) -> bool:
+    from torch.nn.modules import module as _m
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks) or any(
+        mm._forward_hooks or mm._forward_pre_hooks for m in modules for mm in m.modules())
+
+
+def _fused_norm_relu(layers, i: int, x: torch.Tensor):
+    """The training-mode run ``GroupBatchNorm, FieldReLU[, a field dropout][, a 2 x 2 max SpatialPool]`` at
+    ``layers[i]`` as one fused
+    operator (:func:`kit.kernels.bn_relu.batch_norm_relu`): ``(y, next index)``, or ``None`` where it does not
+    apply (eval mode, another device or dtype, hooks on the modules (precision traces, counters), compiling,
+    exporting, :func:`kit.kernels.reference_kernels`). The same modules' result, statistics and dropout draws."""
+    m = layers[i]
+    if not (isinstance(m, GroupBatchNorm) and i + 1 < len(layers) and isinstance(layers[i + 1], FieldReLU)):
+        return None
+    if not _bn_relu.can_fuse(m.bn, x) or _hooked(m, layers[i + 1]):
+        return None
+    j = i + 2
+    nxt = layers[j] if j < len(layers) else None
+    p = nxt.field_dropout_p() if hasattr(nxt, "field_dropout_p") and not _hooked(nxt) else None
+    j += p is not None
+    nxt = layers[j] if j < len(layers) else None
+    pool = (isinstance(nxt, SpatialPool) and nxt.mode == "max" and nxt.kernel == 2 and not _hooked(nxt)
+            and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0)
+    x = m.in_type.check(x, f"{type(m).__name__} input")
+    y = _bn_relu.batch_norm_relu(x, m.bn, dropout_p=p or 0.0, pool=pool)
+    return y, j + pool
 
 
 class FieldReLU(EquivariantModule):

@@ -86,7 +86,7 @@ from .. import _compat
 from ..kernels import isotypic
 from ..kernels.aggregate import dynamic_aggregate
 from ..kernels.isotypic import isotypic_weight
-from ..kernels.pdo_filter import fused_op, pdo_filter
+from ..kernels.pdo_filter import fused_op, generated_pdo_filter, pdo_filter
 from .e4 import FieldGroupNorm
 from .registry import fields_for, register_family
 from ..kernels.stencils import METHODS, stencil_bank
@@ -200,6 +200,11 @@ class UntwistedGenerator:
 _UNTWISTED: dict = {}
 #: hidden channels (per generator group) from which :class:`NeuralEPDOConv` generates in the untwisted frame
 UNTWISTED_MIN_CHANNELS = 384
+
+# Maps of at least this many pixels generate the coefficients chunk by chunk inside the fused filter
+# (kit.kernels.pdo_filter.generated_pdo_filter; measured, 1 thread, batch 64, the layer's fwd + bwd: 1.1-1.3x at
+# 28x28, 1.0-1.1x at 14x14, 0.7-0.9x at 7x7, where the coefficients are small and per-image GEMMs thin).
+GENERATED_MIN_PIXELS = 196
 
 
 def untwisted_generator(rho: Representation, S: torch.Tensor, skey: str) -> UntwistedGenerator | None:
@@ -559,6 +564,15 @@ class NeuralEPDOConv(KernelCache, EquivariantModule):
                 cr = conv1x1(h.flatten(1, 2), self._rest_generator_weight(), groups=self.s)
                 c = torch.cat([c, cr.view(Bn, g, d - c.shape[2], N_OPS, H, W)], dim=2)   # (B, g, d, 15, H, W)
             S = self._untwisted.banks.to(x.device, x.dtype)                      # (d, 15, 25)
+        elif H * W >= GENERATED_MIN_PIXELS:
+            # the generator's GEMM runs inside the fused filter, a chunk of images at a time: the coefficients
+            # (B, g, d, 15, H, W) and their gradient are never held whole (the same operator)
+            self.in_type.check(x, f"{type(self).__name__} input")
+            h = self.hidden_features(x).flatten(1, 2)                           # (B, m*|G|, H, W)
+            Wg = self.generator_weight()                                         # (g d 15, m/s |G|, 1, 1)
+            y = generated_pdo_filter(x.view(Bn, z // g, g, d, H, W), h, Wg.view(self.s, -1, Wg.shape[1]),
+                                     self._buffer("stencils"), self.l1_eps)      # (B, z/g, g, d, H, W)
+            return self.expand(y.view(Bn, z, d, H, W))
         else:
             c = self._coefficients(x).view(Bn, g, d, N_OPS, H, W)               # (B, g, d, 15, H, W)
             S = self._buffer("stencils")

@@ -467,7 +467,7 @@ def aggregation_comparison(case: SpeedCase = SPEED_CASES[0], *, repeats: int = 1
 # ----------------------------------------------------------------------- where a training step goes
 STEP_CATEGORIES = (            # (category, substrings of profiler op names), first match wins
     ("dynamic aggregation (fused, fwd + bwd)", ("FusedAggregation", "DynamicAggregation", "GeneratedAggregation")),
-    ("fused PDO filter (Neural ePDO, fwd + bwd)", ("pdo_filter",)),
+    ("fused PDO filter (Neural ePDO, fwd + bwd)", ("pdo_filter", "GeneratedPDOFilter")),
     ("isotypic basis changes (fwd + bwd)", ("SlotChange",)),
     ("convolutions (oneDNN, fwd + bwd)", ("convolution", "conv2d", "conv3d")),
     ("batched matmuls (kernel generators, stencils)", ("bmm", "matmul", "addmm", "baddbmm", "aten::mm")),

@@ -126,6 +126,11 @@ class FieldDropout2d(EquivariantModule):
         t = self.in_type
         return t.unflatten(F.dropout2d(t.flatten(x), self.p, self.training))
 
+    def field_dropout_p(self) -> float | None:
+        """The probability with which this module drops whole fields now (training, ``mode="field"``), which a
+        fused norm may draw itself (:func:`kit.kernels.bn_relu.batch_norm_relu`); ``None`` otherwise."""
+        return self.p if (self.training and self.mode == "field") else None
+
     def extra_repr(self) -> str:
         return f"{self.in_type}, p={self.p}, mode={self.mode!r}"
 

@@ -775,8 +775,9 @@ def curves_figure(history, *, title: str | None = None):
         a.grid(alpha=0.3)
         a.legend()
         a.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    if title:
-        fig.suptitle(title)
+    if title:                   # wrapped: a long title (the bundled sample's dataset label) must not widen the
+        import textwrap         # saved figure, which would shrink every label at notebook width
+        fig.suptitle("\n".join(textwrap.wrap(title, 80)))
     fig.tight_layout()
     return fig
 

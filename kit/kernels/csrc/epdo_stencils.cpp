@@ -332,39 +332,62 @@ void check_inputs(const torch::Tensor& v, const torch::Tensor& coef) {
 
 }  // namespace
 
-std::vector<torch::Tensor> epdo_forward(torch::Tensor v, torch::Tensor coef, torch::Tensor S, double eps) {
+void check_out(const torch::Tensor& out, const torch::Tensor& like, at::IntArrayRef shape, const char* what) {
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == like.scalar_type() && out.sizes() == shape,
+              "eqkit epdo: ", what, " must be a contiguous tensor of shape ", shape, " and the inputs' dtype");
+}
+
+void epdo_forward_out(torch::Tensor v, torch::Tensor coef, torch::Tensor S, double eps, torch::Tensor y,
+                      torch::Tensor norm) {
   check_inputs(v, coef);
   Geo g = geometry(v, coef, S);
   Sparse sp = sparse_of(S, g);
-  auto y = torch::empty_like(v);
-  auto norm = torch::empty({g.B, g.J, g.H, g.W}, v.options());
+  check_out(y, v, v.sizes(), "y");
+  check_out(norm, v, {g.B, g.J, g.H, g.W}, "norm");
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "eqkit_epdo_forward", [&] {
     forward_impl<scalar_t>(g, sp, v.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(), eps, y.data_ptr<scalar_t>(),
                            norm.data_ptr<scalar_t>());
   });
-  return {y, norm};
 }
 
-std::vector<torch::Tensor> epdo_backward(torch::Tensor v, torch::Tensor coef, torch::Tensor S, torch::Tensor norm,
-                                         torch::Tensor y, torch::Tensor gy, bool need_v, bool need_coef) {
+// Writes the gradients into gv / gc where given (either may be None: not needed); every element written once.
+void epdo_backward_out(torch::Tensor v, torch::Tensor coef, torch::Tensor S, torch::Tensor norm, torch::Tensor y,
+                       torch::Tensor gy, c10::optional<torch::Tensor> gv, c10::optional<torch::Tensor> gc) {
   check_inputs(v, coef);
   Geo g = geometry(v, coef, S);
   Sparse sp = sparse_of(S, g);
   gy = gy.contiguous();
   y = y.contiguous();
   norm = norm.contiguous();
-  torch::Tensor gv, gc;
-  if (need_v) gv = torch::empty_like(v);            // every plane written once
-  if (need_coef) gc = torch::empty_like(coef);
+  if (gv) check_out(*gv, v, v.sizes(), "gv");
+  if (gc) check_out(*gc, coef, coef.sizes(), "gc");
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "eqkit_epdo_backward", [&] {
     backward_impl<scalar_t>(g, sp, v.data_ptr<scalar_t>(), coef.data_ptr<scalar_t>(), norm.data_ptr<scalar_t>(),
                             y.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(),
-                            need_v ? gv.data_ptr<scalar_t>() : nullptr, need_coef ? gc.data_ptr<scalar_t>() : nullptr);
+                            gv ? gv->data_ptr<scalar_t>() : nullptr, gc ? gc->data_ptr<scalar_t>() : nullptr);
   });
+}
+
+std::vector<torch::Tensor> epdo_forward(torch::Tensor v, torch::Tensor coef, torch::Tensor S, double eps) {
+  auto y = torch::empty_like(v, at::MemoryFormat::Contiguous);
+  auto norm = torch::empty({v.size(0), v.size(2), v.size(4), v.size(5)}, v.options());
+  epdo_forward_out(v, coef, S, eps, y, norm);
+  return {y, norm};
+}
+
+std::vector<torch::Tensor> epdo_backward(torch::Tensor v, torch::Tensor coef, torch::Tensor S, torch::Tensor norm,
+                                         torch::Tensor y, torch::Tensor gy, bool need_v, bool need_coef) {
+  torch::Tensor gv, gc;
+  if (need_v) gv = torch::empty_like(v, at::MemoryFormat::Contiguous);
+  if (need_coef) gc = torch::empty_like(coef, at::MemoryFormat::Contiguous);
+  epdo_backward_out(v, coef, S, norm, y, gy, need_v ? c10::optional<torch::Tensor>(gv) : c10::nullopt,
+                    need_coef ? c10::optional<torch::Tensor>(gc) : c10::nullopt);
   return {gv, gc};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &epdo_forward, "fused Neural ePDO stencils: build, L1-normalise, filter (forward)");
   m.def("backward", &epdo_backward, "fused Neural ePDO stencils (backward)");
+  m.def("forward_out", &epdo_forward_out, "forward into given y (B,P,g,d,H,W) and norm (B,g,H,W)");
+  m.def("backward_out", &epdo_backward_out, "backward into given gv / gc (either may be None)");
 }
