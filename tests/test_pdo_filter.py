@@ -9,7 +9,7 @@
 * ``conv1x1`` is ``F.conv2d`` (groups, bias, small and large maps, strided inputs);
 * the generator's GEMM fused into the filter a chunk of images at a time (``generated_pdo_filter``, maps of
   >= 196 pixels) is generate-then-filter in float64 (output, every gradient; uneven chunks, generator groups,
-  one bank per component), what the layer runs there, keeps less memory, and compiles (the unfused form);
+  one bank per component), what the layer runs there and keeps less memory; compiled, the unfused form;
 * the generator in the untwisted frame (wide layers on regular fields: isotypic blocks and one rotated stencil
   bank per component) is the same layer as the dense generator in float64 (output, every gradient), exactly
   equivariant, never stale in eval mode, and captured whole by ``torch.compile``; float64 layers use the exact
@@ -153,12 +153,15 @@ def test_the_custom_operator_passes_opcheck(fused):
     torch.library.opcheck(torch.ops.eqkit.pdo_filter.default, (v, c, S, 0.01))
 
 
-def test_compiled_layer_runs_the_same_kernel(fused):
+@pytest.mark.parametrize("side", [10, int(E.GENERATED_MIN_PIXELS ** 0.5) + 1], ids=["small", "large"])
+def test_compiled_layer_runs_the_same_kernel(fused, side):
     """Captured whole (fullgraph) through the custom operator: the compiled layer's output and gradients
-    are the eager ones to float32 round-off of the 1x1 maps around it, not of a different formulation."""
+    are the eager ones to float32 round-off of the 1x1 maps around it, not of a different formulation. On
+    large maps (eager: the generator inside the filter, chunk by chunk) the compiled layer generates the
+    coefficients whole, then runs the same custom operator."""
     torch._dynamo.reset()
     nl = _layer().float()
-    x = torch.randn(2, 4, 8, 11, 10, generator=torch.Generator().manual_seed(6))
+    x = torch.randn(2, 4, 8, side + 1, side, generator=torch.Generator().manual_seed(6))
     c = torch.compile(nl, backend="aot_eager", fullgraph=True, dynamic=False)
     y, yc = nl(x), c(x)
     assert float((yc - y).norm() / y.norm()) < 1e-6
@@ -444,19 +447,3 @@ def test_generated_filter_keeps_less_than_generate_then_filter(fused, monkeypatc
         peaks[name] = peak_memory(step)
     coefficients = 8 * 4 * 20 * 15 * 28 * 28 * 4                           # bytes (float32)
     assert peaks["generated"] <= peaks["whole"] - coefficients, (peaks, coefficients)
-
-
-def test_compiled_layer_on_large_maps_is_captured_whole_and_matches_eager(fused):
-    """Under ``torch.compile`` the large-map layer generates the coefficients whole and runs the custom operator
-    (no graph break); output and gradients match the eager, chunked layer."""
-    torch._dynamo.reset()
-    nl = _layer().float()
-    side = int(E.GENERATED_MIN_PIXELS ** 0.5) + 1
-    x = torch.randn(2, 4, 8, side, side, generator=torch.Generator().manual_seed(16))
-    c = torch.compile(nl, backend="aot_eager", fullgraph=True, dynamic=False)
-    y, yc = nl(x), c(x)
-    assert float((yc - y).norm() / y.norm()) < 1e-5
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(17))
-    ge = torch.autograd.grad(y, list(nl.parameters()), gy)
-    gc = torch.autograd.grad(yc, list(nl.parameters()), gy)
-    assert all(float((a - b).norm() / b.norm()) < 1e-5 for a, b in zip(gc, ge))

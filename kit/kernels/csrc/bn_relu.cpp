@@ -100,6 +100,20 @@ inline void transform(scalar_t w, scalar_t b, double mean, double invstd, scalar
   *beta = static_cast<scalar_t>(static_cast<double>(b) - mean * static_cast<double>(*alpha));
 }
 
+// From sum g and sum g (x - mean) of channel c: dw_c, db_c (where asked) and the input gradient's coefficients,
+// dx = k (g - sg / M - (x - mean) invstd dw_c / M) = kk g + cx x + cc
+template <typename scalar_t>
+inline void input_gradient(double sg, double sgx, scalar_t w, double mean, double invstd, double M, int64_t c,
+                           scalar_t* dw, scalar_t* db, scalar_t* kk, scalar_t* cx, scalar_t* cc) {
+  const double dwc = sgx * invstd;                                 // sum g xhat
+  if (dw) dw[c] = static_cast<scalar_t>(dwc);
+  if (db) db[c] = static_cast<scalar_t>(sg);
+  const double k = static_cast<double>(w) * invstd, m2 = dwc * invstd / M;
+  *kk = static_cast<scalar_t>(k);
+  *cx = static_cast<scalar_t>(-k * m2);
+  *cc = static_cast<scalar_t>(-k * sg / M + k * m2 * mean);
+}
+
 template <typename scalar_t>
 void forward_impl(const scalar_t* x, const scalar_t* w, const scalar_t* bias, const scalar_t* s, double eps,
                   int64_t B, int64_t C, int64_t N, scalar_t* y, double* mean_out, double* invstd_out) {
@@ -143,15 +157,9 @@ void backward_impl(const scalar_t* gy, const scalar_t* x, const scalar_t* w, con
         sgx += segment_sum<scalar_t>(N, Grad<scalar_t>{p, gp, alpha, beta, sc, mu, true});
       }
       sgx += dmu * sg;                                                // sum g (x - mu) + (mu - mean) sum g
-      const double dwc = sgx * is;                                    // sum g xhat
-      if (dw) dw[c] = static_cast<scalar_t>(dwc);
-      if (db) db[c] = static_cast<scalar_t>(sg);
+      scalar_t kk, cx, cc;
+      input_gradient(sg, sgx, w[c], mean[c], is, M, c, dw, db, &kk, &cx, &cc);
       if (!dx) continue;
-      // dx = k (g - sg / M - (x - mean) invstd dwc / M) = k g + cx x + c0
-      const double k = static_cast<double>(w[c]) * is;
-      const double m2 = dwc * is / M;
-      const scalar_t kk = static_cast<scalar_t>(k), cx = static_cast<scalar_t>(-k * m2);
-      const scalar_t cc = static_cast<scalar_t>(-k * sg / M + k * m2 * mean[c]);
       for (int64_t b = 0; b < B; ++b) {
         const scalar_t sc = s ? s[b * C + c] : scalar_t(1);
         const scalar_t* __restrict__ p = x + (b * C + c) * N;
@@ -249,14 +257,9 @@ void pooled_backward_impl(const scalar_t* gy, const scalar_t* x, const uint8_t* 
           sgx += a2;
         }
       }
-      const double dwc = sgx * is;
-      if (dw) dw[c] = static_cast<scalar_t>(dwc);
-      if (db) db[c] = static_cast<scalar_t>(sg);
+      scalar_t kk, cx, cc;
+      input_gradient(sg, sgx, w[c], mean[c], is, M, c, dw, db, &kk, &cx, &cc);
       if (!dx) continue;
-      const double k = static_cast<double>(w[c]) * is;
-      const double m2 = dwc * is / M;
-      const scalar_t kk = static_cast<scalar_t>(k), cx = static_cast<scalar_t>(-k * m2);
-      const scalar_t cc = static_cast<scalar_t>(-k * sg / M + k * m2 * mean[c]);
       for (int64_t b = 0; b < B; ++b) {
         const scalar_t sc = s ? s[b * C + c] : scalar_t(1);
         for (int64_t pl = 0; pl < P; ++pl) {
@@ -291,6 +294,13 @@ void check(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& 
 
 }  // namespace
 
+// the gradients asked for, uninitialised (every element is written)
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> gradients_like(const torch::Tensor& x, const torch::Tensor& w,
+                                                                       const torch::Tensor& b, bool nx, bool nw, bool nb) {
+  return {nx ? torch::empty_like(x) : torch::Tensor(), nw ? torch::empty_like(w) : torch::Tensor(),
+          nb ? torch::empty_like(b) : torch::Tensor()};
+}
+
 std::vector<torch::Tensor> bn_relu_forward(torch::Tensor x, torch::Tensor w, torch::Tensor b,
                                            c10::optional<torch::Tensor> s, double eps) {
   check(x, w, b, s);
@@ -313,10 +323,7 @@ std::vector<torch::Tensor> bn_relu_backward(torch::Tensor gy, torch::Tensor x, t
   gy = gy.contiguous();
   TORCH_CHECK(gy.sizes() == x.sizes(), "eqkit bn_relu: gy must have x's shape");
   const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
-  torch::Tensor dx, dw, db;
-  if (need_x) dx = torch::empty_like(x);
-  if (need_w) dw = torch::empty_like(w);
-  if (need_b) db = torch::empty_like(b);
+  auto [dx, dw, db] = gradients_like(x, w, b, need_x, need_w, need_b);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "eqkit_bn_relu_backward", [&] {
     backward_impl<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
                             b.data_ptr<scalar_t>(), s ? s->data_ptr<scalar_t>() : nullptr, mean.data_ptr<double>(),
@@ -352,10 +359,7 @@ std::vector<torch::Tensor> bn_relu_pool_backward(torch::Tensor gy, torch::Tensor
   const int64_t B = x.size(0), C = x.size(1), P = x.size(2), H = x.size(3), W = x.size(4);
   TORCH_CHECK(gy.dim() == 5 && gy.size(0) == B && gy.size(1) == C && gy.size(2) == P && gy.size(3) == H / 2 &&
               gy.size(4) == W / 2, "eqkit bn_relu: gy must be the pooled shape");
-  torch::Tensor dx, dw, db;
-  if (need_x) dx = torch::empty_like(x);
-  if (need_w) dw = torch::empty_like(w);
-  if (need_b) db = torch::empty_like(b);
+  auto [dx, dw, db] = gradients_like(x, w, b, need_x, need_w, need_b);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "eqkit_bn_relu_pool_backward", [&] {
     pooled_backward_impl<scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(),
                                    w.data_ptr<scalar_t>(), s ? s->data_ptr<scalar_t>() : nullptr, mean.data_ptr<double>(),
