@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import _compat
-from .aggregate import build_extension, dynamic_aggregate
+from .aggregate import _chunks, build_extension, dynamic_aggregate
 
 __all__ = ["pdo_filter", "pdo_filter_reference", "generated_pdo_filter", "fused_pdo_extension", "fused_op",
            "GENERATED_CHUNK_BYTES"]
@@ -131,11 +131,6 @@ def pdo_filter(v: torch.Tensor, coef: torch.Tensor, S: torch.Tensor, eps: float)
 
 GENERATED_CHUNK_BYTES = 2 ** 22     # coefficients of this many bytes at a time (one 28x28 image of the MNIST
                                     # models: 1200 x 784 floats; the chunk stays in this CPU's 2 MB L2 / L3)
-
-
-def _chunks(B: int, per_image: int, chunk_bytes: int):
-    n = max(1, min(B, chunk_bytes // max(per_image, 1)))
-    return [(b0, min(B, b0 + n)) for b0 in range(0, B, n)]
 
 
 class _GeneratedPDOFilter(torch.autograd.Function):

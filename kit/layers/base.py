@@ -180,7 +180,7 @@ class EquivariantSequential(EquivariantModule):
         layers, i = self.layers, 0
         while i < len(layers):
             m = layers[i]
-            fused = _fused_norm_relu(layers, i, x)                 # BN -> ReLU [-> field dropout] in one op
+            fused = _fused_norm_relu(layers, i, x)     # BN -> ReLU [-> dropout] [-> 2x2 max pool] in one op
             if fused is not None:
                 x, i = fused
                 continue
@@ -216,8 +216,8 @@ def _hooked(*modules) -> bool:
 
 def _fused_norm_relu(layers, i: int, x: torch.Tensor):
     """The training-mode run ``GroupBatchNorm, FieldReLU[, a field dropout][, a 2 x 2 max SpatialPool]`` at
-    ``layers[i]`` as one fused
-    operator (:func:`kit.kernels.bn_relu.batch_norm_relu`): ``(y, next index)``, or ``None`` where it does not
+    ``layers[i]`` as one fused operator (:func:`kit.kernels.bn_relu.batch_norm_relu`): ``(y, next index)``, or
+    ``None`` where it does not
     apply (eval mode, another device or dtype, hooks on the modules (precision traces, counters), compiling,
     exporting, :func:`kit.kernels.reference_kernels`). The same modules' result, statistics and dropout draws."""
     m = layers[i]
