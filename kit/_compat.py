@@ -89,6 +89,13 @@ EXPORTING = False
 REFERENCE_KERNELS = False
 
 
+def dispatch_mode_active() -> bool:
+    """True inside a ``TorchDispatchMode`` (``torch.utils.flop_counter.FlopCounterMode``, tracers): operators
+    that hide work inside one C++ call (E4's fused generator) then take their plain path, which such a mode sees."""
+    f = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return bool(f()) if f is not None else False
+
+
 def is_compiling() -> bool:
     """True while ``torch.compile`` (dynamo) traces the calling code, or :func:`kit.models.export.export`
     traces a model: layers then take their traceable paths (no C++ extension call) so the graph is whole."""

@@ -19,6 +19,7 @@ matplotlib.use("Agg")
 from kit.measure import complexity as cx  # noqa: E402
 from kit import models  # noqa: E402
 from kit.groups import cyclic, dihedral  # noqa: E402
+from kit.kernels import reference_kernels  # noqa: E402
 from kit.kernels.aggregate import dynamic_aggregate, dynamic_aggregate_unfold  # noqa: E402
 from kit.layers.e4 import E4Conv  # noqa: E402
 
@@ -168,33 +169,47 @@ def test_reference_speedup_from_the_command_line(capsys):
 
 
 def test_generated_aggregation_equals_generate_then_aggregate():
-    """E4's kernels generated a few images at a time inside the aggregation (never held whole, recomputed
-    in the backward) against generating them all and running the tap-loop reference: float64 to 1e-12,
-    output and every gradient (features, generator weights, bias, encoder output), one chunk and many."""
-    from kit.kernels.aggregate import dynamic_aggregate_taps, fused_extension, generated_aggregate
-    if fused_extension() is None:
-        pytest.skip("no fused aggregation here: generated_aggregate is the plain generate-then-aggregate")
+    """E4's kernels generated inside the C++ operator one (image, orientation) plane at a time (never held
+    whole, regenerated in the backward; the ReLU applied and differentiated there) against generating them all
+    and running the tap-loop reference: float64 to 1e-12, output and every gradient (hidden fields, generator
+    weights, bias, encoder output), for several group sizes, kernel sizes and channels per slice, and with
+    hidden values exactly at the ReLU's kink."""
+    from kit.kernels.aggregate import dynamic_aggregate_taps, e4_extension, generated_aggregate, hidden_layout
+    if e4_extension() is None:
+        pytest.skip("no fused E4 operator here: generated_aggregate is the plain generate-then-aggregate")
     g = torch.Generator().manual_seed(3)
-    layer = E4Conv(group=dihedral(4), in_fields=3, out_fields=4, kernel_size=3, reduction=1,
-                   channels_per_slice=2).double()
-    x = torch.randn(5, 3, 8, 7, 6, generator=g, dtype=torch.float64)
-    h, w, b = (t.detach().requires_grad_() for t in layer.generator_inputs(x))
-    v = layer.encoder(x).detach().requires_grad_()
-    G, KK, S = 8, 9, layer.slices
-    k = torch.baddbmm(b, w, h).view(G, KK, S, 5, 7, 6).permute(3, 2, 0, 1, 4, 5)   # written out: checks kernel_layout
-    y0 = dynamic_aggregate_taps(v, k)
-    gy = torch.randn(y0.shape, generator=g, dtype=torch.float64)
-    ref = torch.autograd.grad((y0 * gy).sum(), (v, h, w, b))
-    per_image = w.shape[1] * G * 7 * 6 * 8
-    for chunk in (10 ** 9, per_image, 2 * per_image):                  # 1, 5 and 3 chunks
-        y = generated_aggregate(v, h, w, b, kernel_size=3, chunk_bytes=chunk)
+    for G, K, cps, fields, H, W in ((dihedral(4), 3, 2, (3, 4), 7, 6), (cyclic(4), 5, 8, (5, 16), 9, 11),
+                                    (cyclic(4), 1, 3, (2, 3), 4, 5), (cyclic(2), 3, 4, (4, 12), 1, 17)):
+        layer = E4Conv(group=G, in_fields=fields[0], out_fields=fields[1], kernel_size=K, reduction=1,
+                       channels_per_slice=cps).double()
+        x = torch.randn(3, fields[0], G.order, H, W, generator=g, dtype=torch.float64)
+        z, w, b = (t.detach().requires_grad_() for t in layer.generator_inputs(x))
+        with torch.no_grad():
+            z.view(-1)[::7] = 0.0                                           # the ReLU's kink: gradient 0, as aten
+        v = layer.encoder(x).detach().requires_grad_()
+        KK, S = K * K, layer.slices
+        k = torch.baddbmm(b, w, hidden_layout(z)).view(G.order, KK, S, 3, H, W).permute(3, 2, 0, 1, 4, 5)
+        y0 = dynamic_aggregate_taps(v, k)                                   # written out: checks kernel_layout
+        gy = torch.randn(y0.shape, generator=g, dtype=torch.float64)
+        ref = torch.autograd.grad((y0 * gy).sum(), (v, z, w, b))
+        y = generated_aggregate(v, z, w, b, kernel_size=K)
         assert type(y.grad_fn).__name__.startswith("_GeneratedAggregation")
-        assert (y - y0).abs().max() < 1e-12
-        for a, r in zip(torch.autograd.grad((y * gy).sum(), (v, h, w, b)), ref):
+        assert (y - y0).abs().max() < 1e-12 * max(1.0, y0.abs().max().item())
+        for a, r in zip(torch.autograd.grad((y * gy).sum(), (v, z, w, b)), ref):
             assert (a - r).abs().max() < 1e-12 * max(1.0, r.abs().max().item())
-    assert (layer(x) - layer.aggregate(layer.encoder(x), layer.generate_kernels(x))).abs().max() < 1e-12
+        out = layer(x)
+        assert (out - layer.aggregate(layer.encoder(x), layer.generate_kernels(x))).abs().max() < 1e-12
+        with reference_kernels():                                           # the plain path: the same layer output
+            assert (layer(x) - out).abs().max() < 1e-12 * max(1.0, out.abs().max().item())
     with pytest.raises(ValueError, match="generated_aggregate needs"):
-        generated_aggregate(v, h[:, :, :-1], w, b, kernel_size=3)
+        generated_aggregate(v, z[:, :, :, :-1], w, b, kernel_size=K)
+    # two threads: the same values, and the weight gradient (summed over images in per-thread parts, added
+    # in a fixed order) bit for bit the same from run to run
+    with cx.torch_threads(2):
+        runs = [torch.autograd.grad((generated_aggregate(v, z, w, b, kernel_size=K) * gy).sum(), (v, z, w, b))
+                for _ in range(2)]
+    for a, a2, r in zip(*runs, ref):
+        assert torch.equal(a, a2) and (a - r).abs().max() < 1e-12 * max(1.0, r.abs().max().item())
 
 
 def test_e4_layer_memory_within_twice_the_gconv():

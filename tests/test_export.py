@@ -1,9 +1,10 @@
 """kit.export: every registered model becomes a plain-PyTorch module (eval mode, static kernels baked in
-as constants) whose outputs equal the model's to 1e-6 relative, that torch.export produced, and that
-runs where eqkit cannot even be imported."""
+as constants) whose outputs equal the model's plain-PyTorch paths to 1e-6 relative in float32 (and its fused
+CPU kernels to 1e-12 in float64), that torch.export produced, and that runs where eqkit cannot even be imported."""
 from __future__ import annotations
 
 import collections
+import copy
 import subprocess
 import sys
 import textwrap
@@ -22,10 +23,14 @@ def test_export_matches_the_model(name):
     card = models.model_card(name)
     m = models.create_ci(name).eval()
     x = torch.rand(2, *card.input_shape, generator=torch.Generator().manual_seed(1))
-    gm = kit.export(m, x)                                  # raises above 1e-6 relative on x
+    gm = kit.export(m, x)                      # raises above 1e-6 relative from the model's traced (plain) paths
+    # the model's fused CPU kernels compute the same function (float32 rounds them otherwise: E4's fused
+    # generator is ~1e-6 from the export, as far as every float32 path is from float64): equal in float64
+    m64, x64 = copy.deepcopy(m).double(), x.double()
+    gm64 = kit.export(m64, x64)
     with torch.no_grad():
-        y, ref = gm(x), m(x)
-    assert ((y - ref).norm() / ref.norm()).item() <= 1e-6
+        y, ref = gm64(x64), m64(x64)
+    assert ((y - ref).norm() / ref.norm()).item() <= 1e-12
     assert "kit" not in gm.code and isinstance(gm.program, torch.export.ExportedProgram)
     assert not m.training                                  # the model itself is left as it was
 

@@ -12,8 +12,9 @@ Four formulations of one operator (tested equal, float64):
 * :func:`dynamic_aggregate_unfold`: the official ``F.unfold`` formulation (for before/after
   measurements).
 
-:func:`generated_aggregate` is E4's use of it on the CPU: the kernels ``b + w @ h`` generated and applied
-a chunk of images at a time, never held whole nor kept for the backward (which regenerates them).
+:func:`generated_aggregate` is E4's use of it: on the CPU one C++ operator (``csrc/e4_fused.cpp``,
+:func:`e4_extension`) generates the kernels ``b + w @ h`` of one (image, orientation) plane in cache and applies
+them there; they are never held whole nor kept for the backward (which regenerates them).
 """
 from __future__ import annotations
 
@@ -48,12 +49,13 @@ def _cpu_tag() -> str:
 # -march=native: the C++ loops vectorise with the CPU's widest units (AVX2 / AVX-512: 1.3-1.7x the default
 # SSE2 build on this machine); -ffp-contract=off: no fused multiply-adds, so every product and sum rounds
 # as in aten and the plain-PyTorch path (kit.export, torch.compile) gives the aggregation bit for bit the same
-# output (E4's chunked generator GEMMs may round differently from one whole GEMM: equal to ~1e-16 in float64).
+# output. (E4's fused generator, csrc/e4_fused.cpp, is built with fused multiply-adds: equal to ~1e-15 in float64.)
 # EQKIT_CFLAGS replaces both.
 EXTRA_CFLAGS = os.environ.get("EQKIT_CFLAGS", "-march=native -ffp-contract=off").split()
 
 __all__ = ["dynamic_aggregate", "dynamic_aggregate_taps", "dynamic_aggregate_functional",
-           "dynamic_aggregate_unfold", "generated_aggregate", "kernel_layout", "fused_extension", "build_extension"]
+           "dynamic_aggregate_unfold", "generated_aggregate", "kernel_layout", "hidden_layout", "fused_extension", "e4_extension",
+           "build_extension"]
 
 
 def _shapes(v: torch.Tensor, kern: torch.Tensor):
@@ -189,70 +191,48 @@ class _FusedAggregation(torch.autograd.Function):
                 gk if ctx.needs_input_grad[1] else None)
 
 
-GENERATED_CHUNK_BYTES = 2 ** 21     # kernels of this many bytes at a time (a few images; stays in cache)
-
-
-def _chunks(B: int, per_image: int, chunk_bytes: int):
-    n = max(1, min(B, chunk_bytes // max(per_image, 1)))
-    return [(b0, min(B, b0 + n)) for b0 in range(0, B, n)]
+@functools.lru_cache(maxsize=1)
+def e4_extension():
+    """The compiled E4 operator with its generator fused in (``csrc/e4_fused.cpp``; :func:`build_extension`,
+    fused multiply-adds), or ``None`` (the kernels are generated whole and aggregated)."""
+    return build_extension("eqkit_e4_fused", "e4_fused.cpp", fma=True)
 
 
 class _GeneratedAggregation(torch.autograd.Function):
-    """``dynamic_aggregate(v, kernels)`` with ``kernels = b + w @ h`` generated chunk by chunk of images
-    (E4's generator output fused with the aggregation): the ``(B, S, G, K*K, H, W)`` kernels are never
-    held whole, nor saved for the backward, which recomputes each chunk's kernels (one small GEMM) from
-    the saved ``h``. Same products as generating all kernels and then aggregating; every chunk is
-    written in place into the whole output / gradient (no per-chunk allocation or copy)."""
+    """``dynamic_aggregate(v, kernels)`` with ``kernels = b + w @ relu(z)`` generated inside the C++ operator,
+    one (image, orientation) plane at a time (``csrc/e4_fused.cpp``): the ``(B, S, G, K*K, H, W)`` kernels never
+    reach memory, nor are they saved for the backward, which regenerates them from the saved ``z``; the ReLU
+    is applied (and differentiated) there too. Same products as generating all kernels and then aggregating
+    (summed in other orders, with fused multiply-adds)."""
 
     @staticmethod
-    def forward(ctx, v, h, w, b, K, chunk_bytes):
-        # v (B, C, G, H, W); h (G, Ch, B*H*W); w (G, K*K*S, Ch); b (G, K*K*S, 1), rows tap-major (t, s)
+    def forward(ctx, v, z, w, b, K):
+        # v (B, C, G, H, W); z (B, Ch, G, H, W); w (G, K*K*S, Ch); b (G, K*K*S, 1), rows tap-major (t, s)
         B, C, G, H, W = v.shape
         S = w.shape[1] // (K * K)
         v6 = v.reshape(B, S, C // S, G, H, W).contiguous()                          # (B, S, cps, G, H, W)
-        ext = fused_extension()
-        y = torch.zeros_like(v6)
-        for b0, b1 in _chunks(B, w.shape[1] * G * H * W * v.element_size(), chunk_bytes):
-            kern = _chunk_kernels(h, w, b, K, S, B, H, W, b0, b1)                   # (n, S, G, KK, H, W)
-            ext.forward_out(v6[b0:b1], kern, y[b0:b1])
-        ctx.save_for_backward(v6, h, w, b)
-        ctx.K, ctx.chunk_bytes = K, chunk_bytes
-        return y.view(B, C, G, H, W)
+        z, w, b = z.contiguous(), w.contiguous(), b.contiguous()
+        ctx.save_for_backward(v6, z, w, b)
+        ctx.K = K
+        return e4_extension().forward(v6, z, w, b, K).view(B, C, G, H, W)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        v6, h, w, b = ctx.saved_tensors
-        K = ctx.K
+        v6, z, w, b = ctx.saved_tensors
         B, S, cps, G, H, W = v6.shape
-        need_v, need_h, need_w, need_b = ctx.needs_input_grad[:4]
-        need_k = need_h or need_w or need_b
-        gy = gy.reshape(B, S, cps, G, H, W).contiguous()
-        ext = fused_extension()
-        gv = torch.zeros_like(v6) if need_v else None
-        gh = torch.empty_like(h) if need_h else None
-        gw = torch.zeros_like(w) if need_w else None
-        gb = torch.zeros_like(b) if need_b else None
-        HW, KKS = H * W, w.shape[1]
-        wt = w.transpose(1, 2)                                                      # (G, Ch, KK*S)
-        for b0, b1 in _chunks(B, KKS * G * HW * v6.element_size(), ctx.chunk_bytes):
-            n = b1 - b0
-            kern = _chunk_kernels(h, w, b, K, S, B, H, W, b0, b1)                   # (n, S, G, KK, H, W)
-            gk = torch.zeros(G, KKS, n * HW, dtype=w.dtype) if need_k else None     # (G, KK*S, n*H*W)
-            ext.backward_out(v6[b0:b1], kern, gy[b0:b1], gv[b0:b1] if need_v else None,
-                             kernel_layout(gk, K, S, H, W) if need_k else None)
-            if need_h:                                                              # into gh's chunk, in place
-                _chunk_h(gh, B, HW, b0, b1).baddbmm_(wt, gk, beta=0)
-            if need_w:
-                gw.baddbmm_(gk, _chunk_h(h, B, HW, b0, b1).transpose(1, 2))
-            if need_b:
-                gb += gk.sum(-1, keepdim=True)
-        return (gv.view(B, S * cps, G, H, W) if need_v else None), gh, gw, gb, None, None
+        need = ctx.needs_input_grad[:4]
+        gv, gz, gw, gb = e4_extension().backward(v6, z, w, b, gy.reshape(v6.shape), ctx.K, *need)
+        return (gv.view(B, S * cps, G, H, W) if need[0] else None), (gz if need[1] else None), \
+            (gw if need[2] else None), (gb if need[3] else None), None
 
 
-def _chunk_h(h, B, HW, b0, b1):
-    G, Ch = h.shape[:2]
-    return h.view(G, Ch, B, HW)[:, :, b0:b1].reshape(G, Ch, (b1 - b0) * HW)       # (G, Ch, n*H*W), a view
+def hidden_layout(z: torch.Tensor) -> torch.Tensor:
+    """The generator's hidden features ``relu(z)`` of fields ``z (B, Ch, G, H, W)`` as the ``(G, Ch, B*H*W)``
+    matrix one batched matmul per group element turns into kernels (the ReLU on the layout copy: one
+    hidden-sized tensor is kept for the backward, not two)."""
+    B, Ch, G, H, W = z.shape
+    return F.relu(z.permute(2, 1, 0, 3, 4).reshape(G, Ch, B * H * W))              # (G, Ch, B*H*W)
 
 
 def kernel_layout(k: torch.Tensor, K: int, S: int, H: int, W: int) -> torch.Tensor:
@@ -263,34 +243,32 @@ def kernel_layout(k: torch.Tensor, K: int, S: int, H: int, W: int) -> torch.Tens
     return k.view(G, K * K, S, N // (H * W), H, W).permute(3, 2, 0, 1, 4, 5)
 
 
-def _chunk_kernels(h, w, b, K, S, B, H, W, b0, b1):
-    """Images ``b0:b1``'s kernels ``(n, S, G, K*K, H, W)``, a view of a ``(G, K*K, S, n, H, W)`` buffer."""
-    return kernel_layout(torch.baddbmm(b, w, _chunk_h(h, B, H * W, b0, b1)), K, S, H, W)
-
-
-def generated_aggregate(v: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *, kernel_size: int,
-                        chunk_bytes: int = GENERATED_CHUNK_BYTES) -> torch.Tensor:
-    """:func:`dynamic_aggregate` of ``v (B, C, G, H, W)`` with the kernels ``b + w @ h`` that E4's generator
-    makes (``h (G, Ch, B*H*W)`` hidden features, ``w (G, K*K*S, Ch)`` / ``b (G, K*K*S, 1)`` the steered
-    generator, rows tap-major ``(t, s)``), generated a chunk of images at a time on the CPU fused path: the
-    layer's peak memory no longer holds all ``B x S x G x K*K x H x W`` kernels, and the backward recomputes
-    them instead of keeping them. Elsewhere (GPU, ``torch.compile``, :func:`kit.kernels.reference_kernels`)
-    the kernels are generated whole and aggregated by :func:`dynamic_aggregate`."""
-    G, Ch, N = h.shape
-    B, C, G2, H, W = v.shape
+def generated_aggregate(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, b: torch.Tensor, *,
+                        kernel_size: int) -> torch.Tensor:
+    """:func:`dynamic_aggregate` of ``v (B, C, G, H, W)`` with the kernels ``b + w @ relu(z)`` that E4's generator
+    makes (``z (B, Ch, G, H, W)`` its normalised hidden fields before the ReLU, ``w (G, K*K*S, Ch)`` /
+    ``b (G, K*K*S, 1)`` its steered last map, rows tap-major ``(t, s)``). On the CPU one C++ operator
+    (``csrc/e4_fused.cpp``) generates the kernels of one (image, orientation) plane in cache and applies them
+    there: the ``B x S x G x K*K x H x W`` kernels are never held whole, and the backward regenerates them
+    instead of keeping them. Elsewhere (GPU, ``torch.compile``, :func:`kit.kernels.reference_kernels`, inside a
+    dispatch mode such as ``FlopCounterMode``, which then counts the generator's MACs) the
+    kernels are generated whole (:func:`hidden_layout`, one batched matmul) and aggregated by
+    :func:`dynamic_aggregate`."""
+    B, C, G, H, W = v.shape
     KK = kernel_size * kernel_size
-    if G2 != G or N != B * H * W or w.shape[0] != G or w.shape[2] != Ch or w.shape[1] % KK \
-            or tuple(b.shape) != (G, w.shape[1], 1) or C % (w.shape[1] // KK):
-        raise ValueError(f"generated_aggregate needs v (B, C, G, H, W), h (G, Ch, B*H*W), w (G, K*K*S, Ch) and "
-                         f"b (G, K*K*S, 1) with S dividing C; got {tuple(v.shape)}, {tuple(h.shape)}, "
+    if z.dim() != 5 or z.shape[0] != B or tuple(z.shape[2:]) != (G, H, W) or w.dim() != 3 or w.shape[0] != G \
+            or w.shape[2] != z.shape[1] or w.shape[1] % KK or tuple(b.shape) != (G, w.shape[1], 1) \
+            or C % (w.shape[1] // KK):
+        raise ValueError(f"generated_aggregate needs v (B, C, G, H, W), z (B, Ch, G, H, W), w (G, K*K*S, Ch) and "
+                         f"b (G, K*K*S, 1) with S dividing C; got {tuple(v.shape)}, {tuple(z.shape)}, "
                          f"{tuple(w.shape)}, {tuple(b.shape)} (K={kernel_size})")
     S = w.shape[1] // KK
-    if (is_compiling() or _compat.REFERENCE_KERNELS or v.device.type != "cpu" or not h.is_contiguous()
-            or len({v.dtype, h.dtype, w.dtype, b.dtype}) != 1 or v.dtype not in (torch.float32, torch.float64)
-            or fused_extension() is None):
-        k = torch.baddbmm(b, w, h)                                                  # (G, KK*S, B*H*W)
+    if (is_compiling() or _compat.REFERENCE_KERNELS or v.device.type != "cpu" or _compat.dispatch_mode_active()
+            or len({v.dtype, z.dtype, w.dtype, b.dtype}) != 1 or v.dtype not in (torch.float32, torch.float64)
+            or e4_extension() is None):
+        k = torch.baddbmm(b, w, hidden_layout(z))                                   # (G, KK*S, B*H*W)
         return dynamic_aggregate(v, kernel_layout(k, kernel_size, S, H, W))
-    return _GeneratedAggregation.apply(v, h, w, b, kernel_size, int(chunk_bytes))
+    return _GeneratedAggregation.apply(v, z, w, b, kernel_size)
 
 
 def dynamic_aggregate_functional(v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from .. import _compat
-from .aggregate import _chunks, build_extension, dynamic_aggregate
+from .aggregate import build_extension, dynamic_aggregate
 
 __all__ = ["pdo_filter", "pdo_filter_reference", "generated_pdo_filter", "fused_pdo_extension", "fused_op",
            "GENERATED_CHUNK_BYTES"]
@@ -42,6 +42,12 @@ def _check(v: torch.Tensor, coef: torch.Tensor, S: torch.Tensor):
             or (S.dim() == 3 and S.shape[0] != v.shape[3]) or tuple(coef.shape[-2:]) != tuple(v.shape[-2:]):
         raise ValueError(f"pdo_filter needs v (B, P, g, d, H, W), coef (B, g, d, A, H, W) and S (A, T) or one bank "
                          f"per component (d, A, T); got {tuple(v.shape)}, {tuple(coef.shape)} and {tuple(S.shape)}")
+
+
+def _chunks(B: int, per_image: int, chunk_bytes: int):
+    """Images ``[b0, b1)`` a few at a time: about ``chunk_bytes`` of per-image data each (at least one image)."""
+    n = max(1, min(B, chunk_bytes // max(per_image, 1)))
+    return [(b0, min(B, b0 + n)) for b0 in range(0, B, n)]
 
 
 @functools.lru_cache(maxsize=1)

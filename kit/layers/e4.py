@@ -53,13 +53,16 @@ Implementation notes
   ``K^2`` kernel planes and channel planes stay in cache while every tap is applied, forward and both
   backward products. The tap loop (:func:`kit.kernels.aggregate.dynamic_aggregate_taps`) stays the reference (tests: equal
   to 1e-12 in float64) and the fallback (GPU tensors, no compiler, ``EQKIT_FUSED=0``).
-* **Kernels never held whole (CPU).** The forward calls :func:`kit.kernels.aggregate.generated_aggregate`:
-  the generator's last GEMM and the aggregation run a few images at a time (kernels of ~2 MB per chunk),
-  so the ``B x S x |G| x K^2 x H x W`` kernels (``S K^2 / out`` = 3.1 times the output at the MNIST widths)
-  are neither materialised whole nor saved for the backward, which regenerates each chunk's kernels from
-  the saved hidden features. Bench layer (16 C4 fields, 28x28, batch 16): training-step peak 34.5 -> 24.5 MB,
-  1.56x the p4 G-conv's 15.7 MB; 1.10x faster (figures/speed.md, session 11). :meth:`generate_kernels`
-  still returns the whole kernels (explorers, tests, GPU and ``torch.compile`` paths).
+* **Generator fused into the aggregation (CPU).** The forward calls :func:`kit.kernels.aggregate.generated_aggregate`:
+  one C++ operator (``kit/kernels/csrc/e4_fused.cpp``) takes the normalised hidden fields ``z``, the steered
+  last map and the encoder output, and per (image, orientation) plane applies the ReLU, generates all
+  ``S K^2`` kernel planes and aggregates them while they sit in cache; its backward regenerates them and gives
+  the gradients of ``v``, ``z`` (through the ReLU), the generator weights and bias. The
+  ``B x S x |G| x K^2 x H x W`` kernels (``S K^2 / out`` = 3.1 times the output at the MNIST widths) are never
+  materialised nor saved, nor is the ReLU's output or a layout copy of the hidden fields. Training step of
+  ``e4-mnist-normal`` against ``p4-mnist`` (one thread, alternated): 0.36x -> 0.48x with it (figures/speed.md,
+  session 14). :meth:`generate_kernels` still returns the whole kernels (explorers, tests, GPU and
+  ``torch.compile`` paths).
 * Cost of the dynamic aggregation: ``out |G| K^2 H W`` MACs per image (:meth:`E4Conv.aggregation_macs`),
   which standard conv FLOP counters do not see.
 """
@@ -73,7 +76,7 @@ import torch.nn.functional as F
 
 from ..fields import FieldType
 from ..groups import Group, cyclic
-from ..kernels.aggregate import dynamic_aggregate, generated_aggregate, kernel_layout
+from ..kernels.aggregate import dynamic_aggregate, generated_aggregate, hidden_layout, kernel_layout
 from ..kernels.steering import steering_matrices
 from .base import EquivariantModule, KernelCache
 from .gconv import GroupConv, LiftingConv
@@ -224,18 +227,17 @@ class E4Conv(KernelCache, EquivariantModule):
         return self.cached_kernel(build, self.gen_weight, self.gen_bias)
 
     def generator_inputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The generator's hidden features and steered last map: ``h (|G|, hidden, B*H*W)``,
-        ``w (|G|, K*K*S, hidden)``, ``b (|G|, K*K*S, 1)``, rows tap-major; the kernels are ``b + w @ h``."""
+        """The generator's normalised hidden fields before their ReLU and its steered last map:
+        ``z (B, hidden, |G|, H, W)``, ``w (|G|, K*K*S, hidden)``, ``b (|G|, K*K*S, 1)``, rows tap-major; the
+        kernels are ``b + w @ hidden_layout(z)`` (:func:`kit.kernels.aggregate.hidden_layout`: the ReLU)."""
         self.in_type.check(x, f"{type(self).__name__}.generate_kernels input")
-        h = self.norm(self.reduce(x))                                              # (B, hidden, G, H, W)
-        B, C, G, H, W = h.shape
-        # the layout copy first, the ReLU on it: one hidden-sized tensor is kept for the backward, not two
-        h = F.relu(h.permute(2, 1, 0, 3, 4).reshape(G, C, B * H * W))             # (G, hidden, B*H*W)
+        z = self.norm(self.reduce(x))                                              # (B, hidden, G, H, W)
+        C, G = z.shape[1], z.shape[2]
         w, b = self.steered_generator()                                            # (S, G, KK, hidden), (S, G, KK)
         S, _, KK, _ = w.shape
         w = w.permute(1, 2, 0, 3).reshape(G, KK * S, C)                            # (G, KK*S, hidden)
         b = b.permute(1, 2, 0).reshape(G, KK * S, 1)                               # (G, KK*S, 1)
-        return h, w, b
+        return z, w, b
 
     def generate_kernels(self, x: torch.Tensor) -> torch.Tensor:
         """The steered dynamic kernels ``(B, S, |G|, K*K, H, W)`` for input fields ``x``.
@@ -244,15 +246,15 @@ class E4Conv(KernelCache, EquivariantModule):
         element, bias fused): every tap is then a block of whole ``H x W`` planes, the layout the
         tap-loop aggregation reads fastest (an einsum would return pixels-outermost, taps-innermost).
         """
-        h, w, b = self.generator_inputs(x)
-        k = torch.baddbmm(b, w, h)                                                 # (G, KK*S, B*H*W)
+        z, w, b = self.generator_inputs(x)
+        k = torch.baddbmm(b, w, hidden_layout(z))                                  # (G, KK*S, B*H*W)
         return kernel_layout(k, self.kernel_size, self.slices, *x.shape[-2:])     # (B, S, G, KK, H, W)
 
     def _forward(self, x):                                                         # (B, C_in, G, H, W)
-        h, w, b = self.generator_inputs(x)                                         # kernels = b + w @ h
+        z, w, b = self.generator_inputs(x)                                         # kernels = b + w @ relu(z)
         v = self.encoder(x)                                                        # (B, C_out, G, H, W)
-        # CPU: kernels generated and applied a few images at a time, never held whole (the same products)
-        return generated_aggregate(v, h, w, b, kernel_size=self.kernel_size)      # (B, C_out, G, H, W)
+        # CPU: kernels generated and applied one (image, orientation) plane at a time, in cache (the same products)
+        return generated_aggregate(v, z, w, b, kernel_size=self.kernel_size)      # (B, C_out, G, H, W)
 
     def aggregate(self, v: torch.Tensor, kern: torch.Tensor) -> torch.Tensor:
         """The dynamic aggregation step alone (``v`` encoder output, ``kern`` from :meth:`generate_kernels`)."""

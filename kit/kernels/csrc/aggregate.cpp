@@ -195,33 +195,7 @@ std::vector<torch::Tensor> aggregate_backward(torch::Tensor v, torch::Tensor k, 
   return {gv, gk};
 }
 
-// Out variants (kit/kernels/aggregate.py, E4's chunked generator): accumulate into caller-given zeroed
-// tensors (y / gv: contiguous (B, S, C, G, H, W) blocks, e.g. a chunk of images of a larger buffer; gk: the
-// kernels' own strides), so nothing is allocated, zeroed or copied per chunk.
-void aggregate_forward_out(torch::Tensor v, torch::Tensor k, torch::Tensor y) {
-  TORCH_CHECK(v.scalar_type() == k.scalar_type() && y.scalar_type() == v.scalar_type(), "eqkit aggregate: dtypes differ");
-  Geo g = geometry(v, k);
-  TORCH_CHECK(y.is_contiguous() && y.sizes() == v.sizes(), "eqkit aggregate: y must be contiguous, shaped like v");
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "eqkit_aggregate_forward_out", [&] {
-    forward_impl<scalar_t>(g, v.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), g.W);
-  });
-}
-
-void aggregate_backward_out(torch::Tensor v, torch::Tensor k, torch::Tensor gy, c10::optional<torch::Tensor> gv,
-                            c10::optional<torch::Tensor> gk) {
-  Geo g = geometry(v, k);
-  TORCH_CHECK(gy.is_contiguous() && gy.sizes() == v.sizes(), "eqkit aggregate: gy must be contiguous, shaped like v");
-  TORCH_CHECK(!gv || (gv->is_contiguous() && gv->sizes() == v.sizes()), "eqkit aggregate: gv must be contiguous, shaped like v");
-  TORCH_CHECK(!gk || (gk->strides() == k.strides() && gk->sizes() == k.sizes()), "eqkit aggregate: gk must have k's layout");
-  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "eqkit_aggregate_backward_out", [&] {
-    backward_impl<scalar_t>(g, v.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), g.W,
-                            gv ? gv->data_ptr<scalar_t>() : nullptr, gk ? gk->data_ptr<scalar_t>() : nullptr);
-  });
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &aggregate_forward, "fused dynamic aggregation (forward)");
   m.def("backward", &aggregate_backward, "fused dynamic aggregation (backward)");
-  m.def("forward_out", &aggregate_forward_out, "fused dynamic aggregation (forward, accumulates into y)");
-  m.def("backward_out", &aggregate_backward_out, "fused dynamic aggregation (backward, accumulates into gv / gk)");
 }
