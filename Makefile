@@ -39,8 +39,8 @@ $(STAMP): pyproject.toml constraints.txt
 	else echo ">>> $(TORCH_INDEX) is not reachable: torch from PyPI or the wheels pip is configured with"; fi; \
 	echo "$(PY) -m pip install -c constraints.txt $$idx -e .[all,test]"; \
 	$(PY) -m pip install -c constraints.txt $$idx -e ".[all,test]"
-	@echo ">>> building the fused C++ kernels (E4 aggregation and fused E4 operator, Neural-ePDO filter, isotypic basis changes, batch norm -> ReLU; once, a few minutes)"
-	$(PY) -c "from kit.kernels import aggregate, pdo_filter, isotypic, bn_relu; print('fused kernels:', ', '.join(n + (' built' if f() else ' unavailable (plain-PyTorch path)') for n, f in (('aggregation', aggregate.fused_extension), ('E4', aggregate.e4_extension), ('PDO filter', pdo_filter.fused_pdo_extension), ('isotypic', isotypic.fused_isotypic_extension), ('bn_relu', bn_relu.bn_relu_extension))))"
+	@echo ">>> building the fused C++ kernels (E4 aggregation and fused E4 operator, Neural-ePDO filter, isotypic basis changes, batch norm -> ReLU, dropout; once, a few minutes)"
+	$(PY) -c "from kit.kernels import aggregate, pdo_filter, isotypic, bn_relu, dropout; print('fused kernels:', ', '.join(n + (' built' if f() else ' unavailable (plain-PyTorch path)') for n, f in (('aggregation', aggregate.fused_extension), ('E4', aggregate.e4_extension), ('PDO filter', pdo_filter.fused_pdo_extension), ('isotypic', isotypic.fused_isotypic_extension), ('bn_relu', bn_relu.bn_relu_extension), ('dropout', dropout.dropout_extension))))"
 	@touch $@
 
 install: $(STAMP)

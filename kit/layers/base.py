@@ -17,8 +17,9 @@ from .. import _compat
 from .._compat import is_compiling
 from ..fields import FieldType
 from ..kernels import bn_relu as _bn_relu
+from ..kernels import dropout as _dropout
 
-__all__ = ["EquivariantModule", "KernelCache", "EquivariantSequential", "FieldReLU", "GroupBatchNorm",
+__all__ = ["EquivariantModule", "KernelCache", "EquivariantSequential", "FieldReLU", "FieldDropout", "GroupBatchNorm",
            "GroupPool", "SpatialPool", "InvariantHead", "field_conv2d", "conv1x1"]
 
 
@@ -250,6 +251,27 @@ class FieldReLU(EquivariantModule):
 
     def _forward(self, x):
         return F.relu(x, inplace=self.inplace)
+
+
+class FieldDropout(EquivariantModule):
+    """Element-wise dropout on any fields (identity in eval mode; equivariant in distribution in training).
+
+    On the CPU its mask comes from a counter-based hash (:func:`kit.kernels.dropout.dropout`: ``F.dropout``'s
+    distribution, not its random stream; about 10x faster here); ``F.dropout`` elsewhere and inside
+    :func:`kit.kernels.reference_kernels`."""
+
+    def __init__(self, field_type: FieldType, *, p: float = 0.2):
+        super().__init__()
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
+        self.in_type = self.out_type = field_type
+        self.p = float(p)
+
+    def _forward(self, x):
+        return _dropout.dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_type}, p={self.p}"
 
 
 class GroupBatchNorm(EquivariantModule):

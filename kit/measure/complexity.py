@@ -474,7 +474,8 @@ STEP_CATEGORIES = (            # (category, substrings of profiler op names), fi
     ("batch / group norm", ("batch_norm", "group_norm")),
     ("pooling", ("pool",)),
     ("L1 norm (Neural ePDO)", ("vector_norm", "sgn", "abs")),
-    ("dropout RNG", ("bernoulli",)),
+    ("dropout RNG (aten bernoulli_)", ("bernoulli",)),
+    ("dropout (counter-based hash, fwd + bwd)", ("_Dropout",)),
     ("zero fill / copies", ("fill_", "zero_", "copy_")),
     ("pointwise (ReLU, mul, add, div, ...)", ("threshold", "clamp", "relu", "mul", "add", "div", "sub", "where")),
 )

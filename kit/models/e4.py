@@ -40,8 +40,8 @@ import torch.nn.functional as F
 
 from ..fields import FieldType
 from ..groups import Group, cyclic, dihedral
-from ..layers.base import (EquivariantModule, EquivariantSequential, FieldReLU, GroupBatchNorm, GroupPool,
-                           InvariantHead, SpatialPool)
+from ..layers.base import (EquivariantModule, EquivariantSequential, FieldDropout, FieldReLU, GroupBatchNorm,
+                           GroupPool, InvariantHead, SpatialPool)
 from ..layers.e4 import AFFINE_MODES, E4Conv
 from ..layers.gconv import GroupConv, LiftingConv
 from . import register_model
@@ -69,23 +69,6 @@ def _check_widths(widths, n: int, multiple: int = 1) -> tuple:
         what = f"{n} positive ints" + (f" divisible by {multiple}" if multiple > 1 else "")
         raise ValueError(f"widths must be {what}, got {widths!r}")
     return tuple(widths)
-
-
-class FieldDropout(EquivariantModule):
-    """Elementwise dropout on any fields (identity in eval mode; equivariant in distribution in train)."""
-
-    def __init__(self, field_type: FieldType, *, p: float = 0.2):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
-        self.in_type = self.out_type = field_type
-        self.p = p
-
-    def _forward(self, x):
-        return F.dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"{self.in_type}, p={self.p}"
 
 
 class GlobalMaxHead(EquivariantModule):

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from ..fields import FieldType
 from ..groups import Group, cyclic, dihedral
-from ..layers import (EquivariantModule, EquivariantSequential, FieldReLU, GroupBatchNorm, GroupConv,
+from ..layers import (EquivariantModule, EquivariantSequential, FieldDropout, FieldReLU, GroupBatchNorm, GroupConv,
                       InvariantHead, SpatialPool)
 from ..layers.pdo import PDOGroupConv, PDOLiftingConv
 from . import register_model
@@ -35,18 +35,6 @@ PAPER = "Shen et al., PDO-eConvs: Partial Differential Operator Based Equivarian
 _CODE = "shenzy08/PDO-eConvs README (released code at 18d49a6); best test accuracy over epochs"
 _BN = dict(eps=1e-3, momentum=0.001)          # TF-contrib batch_norm defaults (decay 0.999)
 OFFSET = math.pi / 8                          # angle offset of the released code
-
-
-class FieldDropout(EquivariantModule):
-    """Element-wise dropout (as ``tf.nn.dropout`` in the paper's code); identity in eval mode."""
-
-    def __init__(self, field_type: FieldType, *, p: float = 0.2):
-        super().__init__()
-        self.in_type = self.out_type = field_type
-        self.drop = nn.Dropout(p)
-
-    def _forward(self, x):
-        return self.drop(x)
 
 
 class DenseHead(EquivariantModule):
