@@ -90,13 +90,6 @@ void store_relu_grad(const Geo& g, const T* src, const T* hpad, T* dst) {   // t
   }
 }
 
-template <typename T>
-T hsum(typename Vec<T>::type a) {
-  T s = 0;
-  for (int64_t l = 0; l < lanes<T>(); ++l) s += a[l];
-  return s;
-}
-
 // kbuf[r] (pad layout) = bias[r] + sum_j w[r, j] hbuf[j], rows r0 .. r0 + RB, NV vectors of pixels at a time
 template <typename T, int RB, int NV>
 void generate_rows(const Geo& g, const T* w, const T* bias, const T* hbuf, T* kbuf, int64_t r0, int64_t x0) {
@@ -218,7 +211,8 @@ void hidden_grad(const Geo& g, const T* w, const T* gk, T* ghb) {
   for (; j < g.Ch; ++j) hidden_grad_block<T, 1, 4>(g, w, gk, j, ghb);
 }
 
-// gw[r, j] += sum_i gk[r][i] hbuf[j][D + i], rows r0 .. r0 + RB, hidden channels j0 .. j0 + JB
+// gw[r, j] += sum_i gk[r][i] hbuf[j][D + i], rows r0 .. r0 + RB, hidden channels j0 .. j0 + JB; gw holds one vector
+// of partial sums per (r, j) (its lanes are added once, at the end of the backward)
 template <typename T, int RB, int JB>
 void weight_grad_block(const Geo& g, const T* gk, const T* hbuf, int64_t r0, int64_t j0, T* gw) {
   typedef typename Vec<T>::type vec;
@@ -235,7 +229,10 @@ void weight_grad_block(const Geo& g, const T* gk, const T* hbuf, int64_t r0, int
     }
   }
   for (int q = 0; q < RB; ++q)
-    for (int j = 0; j < JB; ++j) gw[(r0 + q) * g.Ch + j0 + j] += hsum<T>(acc[q][j]);
+    for (int j = 0; j < JB; ++j) {
+      T* dst = gw + ((r0 + q) * g.Ch + j0 + j) * VL;
+      vstore(dst, vload(dst) + acc[q][j]);
+    }
 }
 
 template <typename T, int RB>
@@ -258,7 +255,7 @@ void weight_grad(const Geo& g, const T* gk, const T* hbuf, T* gw, T* gb) {
     for (int64_t r = 0; r < g.R; ++r) {          // the pixels' columns c >= W hold gk = 0 (gy is zero there)
       vec acc = vec{};
       for (int64_t x0 = 0; x0 < g.L; x0 += VL) acc += vload(gk + r * g.L + x0);
-      gb[r] += hsum<T>(acc);
+      vstore(gb + r * VL, vload(gb + r * VL) + acc);
     }
 }
 
@@ -295,7 +292,9 @@ void backward_impl(const Geo& g, const T* v, const T* h, const T* w, const T* bi
   // the weight / bias gradients sum over images: one partial sum per part of the images, added in a fixed
   // order afterwards (the same result for a given thread count, whichever thread ran which part)
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), g.B * g.G));
-  std::vector<T> gw_part(gw ? parts * g.G * g.R * g.Ch : 0, 0), gb_part(gb ? parts * g.G * g.R : 0, 0);
+  constexpr int64_t VL = lanes<T>();               // partial sums kept as vectors: lanes added at the end
+  const int64_t nw = g.G * g.R * g.Ch * VL, nb = g.G * g.R * VL;
+  std::vector<T> gw_part(gw ? parts * nw : 0, 0), gb_part(gb ? parts * nb : 0, 0);
   at::parallel_for(0, parts, 1, [&](int64_t part0, int64_t part1) {
     std::vector<T> hbuf(g.Ch * g.PL, 0), kbuf(gv ? g.R * g.PL : 0, 0), vpad(need_k ? g.C * g.PL : 0, 0),
         gyp(g.C * g.PL, 0), gk(need_k ? g.R * g.L : 0, 0), ghb(gh ? g.Ch * g.L : 0, 0), out(gv ? g.C * g.L : 0, 0);
@@ -303,8 +302,8 @@ void backward_impl(const Geo& g, const T* v, const T* h, const T* w, const T* bi
     std::vector<int64_t> back(g.T);
     for (int64_t t = 0; t < g.T; ++t) back[t] = 2 * g.D - g.off[t];
     for (int64_t part = part0; part < part1; ++part) {
-      T* gwp = gw ? gw_part.data() + part * g.G * g.R * g.Ch : nullptr;
-      T* gbp = gb ? gb_part.data() + part * g.G * g.R : nullptr;
+      T* gwp = gw ? gw_part.data() + part * nw : nullptr;
+      T* gbp = gb ? gb_part.data() + part * nb : nullptr;
       for (int64_t p = part * g.B * g.G / parts; p < (part + 1) * g.B * g.G / parts; ++p) {
         const int64_t b = p / g.G, gg = p % g.G;
         const T* wg = w + gg * g.R * g.Ch;
@@ -328,13 +327,16 @@ void backward_impl(const Geo& g, const T* v, const T* h, const T* w, const T* bi
             store_relu_grad(g, ghb.data() + j * g.L, hbuf.data() + j * g.PL, gh + hplane(g, b, j, gg));
         }
         if (gw || gb)
-          weight_grad(g, gk.data(), hbuf.data(), gwp ? gwp + gg * g.R * g.Ch : nullptr, gbp ? gbp + gg * g.R : nullptr);
+          weight_grad(g, gk.data(), hbuf.data(), gwp ? gwp + gg * g.R * g.Ch * VL : nullptr,
+                      gbp ? gbp + gg * g.R * VL : nullptr);
       }
     }
   });
   for (int64_t part = 0; part < parts; ++part) {
-    for (int64_t i = 0; gw && i < g.G * g.R * g.Ch; ++i) gw[i] += gw_part[part * g.G * g.R * g.Ch + i];
-    for (int64_t i = 0; gb && i < g.G * g.R; ++i) gb[i] += gb_part[part * g.G * g.R + i];
+    for (int64_t i = 0; gw && i < g.G * g.R * g.Ch; ++i)
+      for (int64_t l = 0; l < VL; ++l) gw[i] += gw_part[part * nw + i * VL + l];
+    for (int64_t i = 0; gb && i < g.G * g.R; ++i)
+      for (int64_t l = 0; l < VL; ++l) gb[i] += gb_part[part * nb + i * VL + l];
   }
 }
 
