@@ -471,6 +471,7 @@ STEP_CATEGORIES = (            # (category, substrings of profiler op names), fi
     ("isotypic basis changes (fwd + bwd)", ("SlotChange",)),
     ("convolutions (oneDNN, fwd + bwd)", ("convolution", "conv2d", "conv3d")),
     ("batched matmuls (kernel generators, stencils)", ("bmm", "matmul", "addmm", "baddbmm", "aten::mm")),
+    ("fused batch norm -> ReLU [-> pool] (fwd + bwd)", ("BatchNormReLU",)),
     ("batch / group norm", ("batch_norm", "group_norm")),
     ("pooling", ("pool",)),
     ("L1 norm (Neural ePDO)", ("vector_norm", "sgn", "abs")),
