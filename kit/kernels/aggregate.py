@@ -13,8 +13,8 @@ Four formulations of one operator (tested equal, float64):
   measurements).
 
 :func:`generated_aggregate` is E4's use of it: on the CPU one C++ operator (``csrc/e4_fused.cpp``,
-:func:`e4_extension`) generates the kernels ``b + w @ h`` of one (image, orientation) plane in cache and applies
-them there; they are never held whole nor kept for the backward (which regenerates them).
+:func:`e4_extension`) generates the kernels ``b + w @ relu(z)`` of one (image, orientation) plane in cache
+and applies them there; they are never held whole nor kept for the backward (which regenerates them).
 """
 from __future__ import annotations
 
