@@ -54,8 +54,8 @@ def _cpu_tag() -> str:
 EXTRA_CFLAGS = os.environ.get("EQKIT_CFLAGS", "-march=native -ffp-contract=off").split()
 
 __all__ = ["dynamic_aggregate", "dynamic_aggregate_taps", "dynamic_aggregate_functional",
-           "dynamic_aggregate_unfold", "generated_aggregate", "kernel_layout", "hidden_layout", "fused_extension", "e4_extension",
-           "build_extension"]
+           "dynamic_aggregate_unfold", "generated_aggregate", "kernel_layout", "hidden_layout", "fused_extension",
+           "e4_extension", "build_extension"]
 
 
 def _shapes(v: torch.Tensor, kern: torch.Tensor):

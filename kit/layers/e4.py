@@ -61,8 +61,8 @@ Implementation notes
   ``B x S x |G| x K^2 x H x W`` kernels (``S K^2 / out`` = 3.1 times the output at the MNIST widths) are never
   materialised nor saved, nor is the ReLU's output or a layout copy of the hidden fields. Training step of
   ``e4-mnist-normal`` against ``p4-mnist`` (one thread, alternated): 0.36x -> 0.51x with it and the hashed
-  dropout (figures/speed.md, session 14). :meth:`generate_kernels` still returns the whole kernels (explorers, tests, GPU and
-  ``torch.compile`` paths).
+  dropout (figures/speed.md, session 14). :meth:`generate_kernels` still returns the whole kernels (explorers,
+  tests, GPU and ``torch.compile`` paths).
 * Cost of the dynamic aggregation: ``out |G| K^2 H W`` MACs per image (:meth:`E4Conv.aggregation_macs`),
   which standard conv FLOP counters do not see.
 """

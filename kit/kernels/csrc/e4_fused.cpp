@@ -8,8 +8,9 @@
 // fields, with their ReLU applied here), all S K^2 kernel planes generated from them, the encoder's channel planes
 // and (backward) the output gradient stay in one thread's buffers (a few hundred KB: L2) while every product is
 // formed. The kernels never reach memory; the backward regenerates them. The backward gives the gradients of v,
-// z (through the ReLU), w and bias; the steering of w stays autograd's (kit/kernels/aggregate.py). Reference: the kernels generated whole (torch.baddbmm) and the tap loop (tests,
-// float64 to 1e-12). Built with fused multiply-adds (-ffp-contract=fast): it rounds unlike aten term by term.
+// z (through the ReLU), w and bias; the steering of w stays autograd's (kit/kernels/aggregate.py). Reference:
+// the kernels generated whole (torch.baddbmm) and the tap loop (tests, float64 to 1e-12). Built with fused
+// multiply-adds (-ffp-contract=fast): it rounds unlike aten term by term.
 //
 // Not here: the generic aggregation with given kernels (aggregate.cpp), GPU tensors (the plain-PyTorch path).
 #include <torch/extension.h>
@@ -52,7 +53,8 @@ Geo geometry(const torch::Tensor& v, const torch::Tensor& h, const torch::Tensor
   TORCH_CHECK(K >= 1 && K % 2 == 1 && g.R == g.T * g.S && h.size(0) == g.B && h.size(2) == g.G &&
                   h.size(3) == g.H && h.size(4) == g.W && w.size(0) == g.G && w.size(2) == g.Ch &&
                   bias.size(0) == g.G && bias.size(1) == g.R && bias.size(2) == 1,
-              "eqkit e4: shapes do not fit v (B, S, C, G, H, W), z (B, Ch, G, H, W), w (G, K*K*S, Ch), bias (G, K*K*S, 1)");
+              "eqkit e4: shapes do not fit v (B, S, C, G, H, W), z (B, Ch, G, H, W), w (G, K*K*S, Ch), "
+              "bias (G, K*K*S, 1)");
   g.Wp = g.W + 2 * g.P;
   g.L = (g.H * g.Wp + kAlign - 1) / kAlign * kAlign;
   g.D = g.P * g.Wp + g.P;
